@@ -1,0 +1,16 @@
+"""evaluators: a live model -> per-item scores on local JSONL or lm-eval tasks.
+
+Owns task loading, subsets and splits, native scoring and the lm-eval bridge.
+Never merges weights.
+"""
+
+
+class EvalError(ValueError):
+    """A bad task file, task spec or evaluation failure, named by `where` (file:line or field)."""
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+__all__ = ["EvalError"]
