@@ -1,0 +1,144 @@
+"""What every merge method sees and declares: the inputs of one output tensor, parameter specs, the registry.
+
+Methods are pure functions over `TensorInputs`; they never read files or know about trials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from merge_core.errors import MergeConfigError
+
+
+class TensorInputs:
+    """The source tensors of one output tensor, in merge order, plus a memo for trial-independent statistics.
+
+    `tensors[i]` comes from `models[i]`; `base_index` says which one is the base model (or None).
+    `deltas` are the task vectors x_i - base of the non-base models, in order (`delta_models`).
+    The engine keeps one TensorInputs per output tensor alive across trials, so whatever a method
+    stores with `cached(key, fn)` (sorted |delta|, norms, angles, ...) is computed once per study;
+    the streaming writer builds a fresh one per tensor. After `drop_raw()`, non-base raw tensors are
+    rebuilt from base + delta on demand (not kept), so delta-based methods hold base + deltas only.
+    """
+
+    def __init__(self, name: str, models: list[str], tensors: list[torch.Tensor], base_index: int | None):
+        if len(models) != len(tensors):
+            raise ValueError("one tensor per model")
+        self.name = name
+        self.models = list(models)
+        self.base_index = base_index
+        self._tensors: list[torch.Tensor] | None = list(tensors)
+        self._base = tensors[base_index] if base_index is not None else None
+        self._deltas: list[torch.Tensor] | None = None
+        self._memo: dict[str, Any] = {}
+
+    # ---- raw inputs -------------------------------------------------------------------------
+    @property
+    def base(self) -> torch.Tensor | None:
+        return self._base
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        if self._tensors is not None:
+            return self._tensors
+        deltas = iter(self._deltas)
+        return [self._base if i == self.base_index else self._base + next(deltas) for i in range(len(self.models))]
+
+    @property
+    def delta_indices(self) -> list[int]:
+        """Positions (in `models`) of the non-base models, the order of `deltas`."""
+        return [i for i in range(len(self.models)) if i != self.base_index]
+
+    @property
+    def deltas(self) -> list[torch.Tensor]:
+        if self._base is None:
+            raise MergeConfigError("this merge method needs a base_model", "base_model")
+        if self._deltas is None:
+            self._deltas = [self._tensors[i] - self._base for i in self.delta_indices]
+        return self._deltas
+
+    def drop_raw(self) -> None:
+        """Keep only base + deltas resident (for delta-based methods)."""
+        if self._base is not None:
+            self.deltas  # noqa: B018 - computes and keeps them
+            self._tensors = None
+
+    # ---- trial-independent statistics -----------------------------------------------------------
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Memoize a statistic that depends only on the inputs (never on trial parameters)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    @property
+    def device(self) -> torch.device:
+        return (self._base if self._base is not None else self._tensors[0]).device
+
+    def resident_bytes(self) -> int:
+        """Bytes held: raw tensors, deltas and cached tensors."""
+        seen: dict[int, int] = {}
+        pools = [self._tensors or [], self._deltas or [], [self._base] if self._base is not None else []]
+        for value in self._memo.values():
+            pools.append(value if isinstance(value, (list, tuple)) else [value])
+        for pool in pools:
+            for t in pool:
+                if isinstance(t, torch.Tensor):
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared method parameter: default (None = required), type and allowed closed range."""
+
+    default: Any = None
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    required: bool = False
+
+
+MergeFn = Callable[[TensorInputs, dict[str, Any], list[dict[str, Any]], "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: a pure function plus what it declares.
+
+    merge(inputs, params, model_params, generator) -> merged tensor (compute dtype), where `params` are
+    the method-level values resolved for this tensor and `model_params[i]` those of `inputs.models[i]`.
+    """
+
+    name: str
+    merge: MergeFn
+    params: dict[str, Param] = field(default_factory=dict)          # method-level (t, normalize, lambda, ...)
+    model_params: dict[str, Param] = field(default_factory=dict)    # per model (weight, density, ...)
+    requires_base: bool = False
+    min_models: int = 1          # counting the base model
+    max_models: int | None = None
+    delta_based: bool = False    # needs only base + deltas resident (TensorInputs.drop_raw is safe)
+    random: bool = False         # draws from the generator
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method `name`, or a MergeConfigError listing the known ones."""
+    import merge_core.methods  # noqa: F401 - registers every method
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise MergeConfigError(f"unknown merge method {name!r} (known: {known})", "merge_method") from None
