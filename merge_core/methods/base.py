@@ -73,6 +73,22 @@ class TensorInputs:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TensorInputs":
+        """A shallow copy on `device` (for streaming offloaded inputs to the GPU one tensor at a time)."""
+        copy = TensorInputs.__new__(TensorInputs)
+        copy.name, copy.models, copy.base_index = self.name, self.models, self.base_index
+        copy._tensors = _move(self._tensors, device, non_blocking)
+        copy._base = _move(self._base, device, non_blocking)
+        copy._deltas = _move(self._deltas, device, non_blocking)
+        copy._memo = {k: _move(v, device, non_blocking) for k, v in self._memo.items()}
+        return copy
+
+    def keep_memo_from(self, other: "TensorInputs") -> None:
+        """Adopt statistics that `other` (a device copy) computed, stored on this object's device."""
+        for key, value in other._memo.items():
+            if key not in self._memo:
+                self._memo[key] = _move(value, self.device)
+
     @property
     def device(self) -> torch.device:
         return (self._base if self._base is not None else self._tensors[0]).device
@@ -88,6 +104,15 @@ class TensorInputs:
                 if isinstance(t, torch.Tensor):
                     seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
+
+
+def _move(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """Tensors (also inside lists/tuples) moved to `device`; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, device, non_blocking) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
