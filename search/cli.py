@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("config", help="mergekit YAML config")
     m.add_argument("out_dir", help="output model folder (written atomically)")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:i (default: auto)")
-    m.add_argument("--copy-tokenizer", action="store_true", help="copy the base (or first) model's tokenizer")
+    m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer of tokenizer_source / the base (or first) model (default: yes)")
     m.add_argument("--out-shard-size", default="5B", help="max shard size, e.g. 500M, 5B (default 5B)")
     m.add_argument("--lazy", action="store_true", help="stream tensor by tensor (peak memory ~ one tensor per source)")
     m.add_argument("--allow-pickle", action="store_true", help="allow loading .bin pickle weights (unsafe)")

@@ -1,0 +1,332 @@
+"""The hot path: sources loaded once and kept resident, candidates materialized in place into one live model.
+
+Owns the live transformers model and the resident inputs (base, task vectors, cached statistics).
+Per `materialize` call it does only merge arithmetic: no disk I/O, no new model objects, no state-dict copies.
+
+Memory (resident, per parameter of the model): bytes_per_param(compute dtype) x copies, where copies =
+  delta methods (task_arithmetic, ties, dare_*, della*, breadcrumbs*, sce):  1 base + n task vectors
+      + n sorted |delta| copies for magnitude trims (ties, breadcrumbs*, della*)
+  other methods (linear, slerp, nuslerp, ...):  n + 1 raw tensors (+ small per-tensor statistics)
+plus the live model itself (1 copy, out dtype). E.g. ties over 2 fine-tunes of a 7B base in float16 on a GPU:
+2 bytes x 7e9 x (1 + 2 + 2 + 1) = 84 GB; with `offload=True` the inputs stay in CPU memory (pinned when
+a GPU is used) and only the live model (14 GB) plus one tensor's inputs at a time live on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_core.config import MergeConfig, config_to_dict
+from merge_core.errors import MergeConfigError
+from merge_core.methods import TensorInputs, get_method
+from merge_core.plan import TensorTask, merge_one, plan_merge
+from merge_core.sources import ModelSource, check_compatible, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteMerge(RuntimeError):
+    """A candidate produced NaN or inf weights (a numerical fault of the recipe, not a user error)."""
+
+
+def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """auto -> cuda when available, else cpu; anything else as torch understands it."""
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise MergeConfigError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:i)", "--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeConfigError("CUDA was requested but no GPU is available", "--device")
+    return device
+
+
+def open_sources(config: MergeConfig, allow_pickle: bool = False) -> dict[str, ModelSource]:
+    """Open every model the config references (base first), keyed by the reference as written."""
+    return {ref: ModelSource(config.resolve_model(ref), ref=ref, allow_pickle=allow_pickle)
+            for ref in config.referenced_models()}
+
+
+def plan_for(config: MergeConfig, sources: dict[str, ModelSource]) -> list[TensorTask]:
+    """Check the sources agree, then plan the output tensors."""
+    check_compatible(sources, same_layers=not config.slices)
+    return plan_merge(config, {ref: s.tensor_names for ref, s in sources.items()},
+                      {ref: s.num_layers for ref, s in sources.items()})
+
+
+def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], plan: list[TensorTask],
+                        out_dtype: torch.dtype) -> dict:
+    """config.json of the merged model: the base (or first) model's, with the output layer count and dtype."""
+    first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
+    out = dict(first.config)
+    layers = {int(m.group(1)) for t in plan if (m := _layer_of(t.out_name))}
+    if layers:
+        out["num_hidden_layers"] = max(layers) + 1
+    out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    out["dtype"] = out["torch_dtype"]
+    return out
+
+
+def _layer_of(name: str):
+    from merge_core.sources import LAYER_RE
+
+    return LAYER_RE.search(name)
+
+
+def structure_of(config: MergeConfig) -> dict:
+    """Everything of a config but its parameter values: what the resident inputs depend on."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "parameters"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(config_to_dict(config))
+
+
+@dataclass
+class MaterializeStats:
+    seconds: float
+    tensors: int
+
+
+class MergeEngine:
+    """Resident sources + one live model; `materialize(config)` rewrites the model's weights in place.
+
+    Build once per study (worker); call `materialize` once per trial with configs that differ from the
+    first only in parameter values (same method, models, slices, dtypes).
+    """
+
+    def __init__(self, config: MergeConfig, device: str | torch.device = "auto", *, offload: bool = False,
+                 allow_pickle: bool = False, seed: int = 0):
+        self.config = config
+        self.device = pick_device(device)
+        self.offload = offload and self.device.type != "cpu"
+        self.seed = seed
+        self.method = get_method(config.merge_method)
+        self.sources = open_sources(config, allow_pickle)
+        self.plan = plan_for(config, self.sources)
+        self.compute_dtype = torch_dtype(config.dtype, "dtype") or torch.float32
+        self.out_dtype = torch_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
+        self._structure = structure_of(config)
+        t0 = time.perf_counter()
+        self.model = self._build_model()
+        self._targets = self._bind_targets()
+        self._inputs = self._load_inputs()
+        self._tokenizer = None
+        self.last = MaterializeStats(0.0, 0)
+        log.info("engine ready: %d tensors, %.1f MB resident inputs, %.2fs", len(self.plan),
+                 self.resident_bytes() / 1e6, time.perf_counter() - t0)
+
+    # ---- set-up (once) -----------------------------------------------------------------------
+    def _build_model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        cfg_dict = output_model_config(self.config, self.sources, self.plan, self.out_dtype)
+        model_type = cfg_dict.get("model_type")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items()
+                                                           if k != "model_type"})
+        except (ValueError, KeyError) as err:
+            raise MergeConfigError(f"unsupported model_type {model_type!r}: {err}", "config.json") from None
+        with torch.device(self.device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.out_dtype, trust_remote_code=False)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _bind_targets(self) -> list[torch.Tensor]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        targets = []
+        for task in self.plan:
+            if task.out_name not in params:
+                raise MergeConfigError(f"merged tensor {task.out_name!r} has no place in the "
+                                       f"{type(self.model).__name__} model", "plan")
+            targets.append(params[task.out_name].data)
+        planned = {t.out_name for t in self.plan}
+        tied = {name for name, p in params.items() if name not in planned
+                and any(p.data_ptr() == t.data_ptr() for t in targets)}
+        missing = sorted(set(params) - planned - tied)
+        if missing:
+            raise MergeConfigError(f"no merged value for model parameter {missing[0]!r}", "plan")
+        return targets
+
+    def _load_inputs(self) -> list[TensorInputs]:
+        store = "cpu" if self.offload else self.device
+        read: dict[tuple[str, str], torch.Tensor] = {}
+        inputs = []
+        for task in self.plan:
+            tensors = []
+            for ref, name in task.sources:
+                key = (ref, name)
+                if key not in read:
+                    tensor = self.sources[ref].read(name, self.compute_dtype, store)
+                    read[key] = tensor.pin_memory() if self.offload else tensor
+                tensors.append(read[key])
+            item = TensorInputs(task.out_name, [ref for ref, _ in task.sources], tensors, task.base_index)
+            if self.method.delta_based:
+                item.drop_raw()
+            inputs.append(item)
+        return inputs
+
+    # ---- per trial ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def materialize(self, config: MergeConfig | None = None, seed: int | None = None,
+                    check_finite: bool = False):
+        """Write the merge described by `config` into the live model in place and return the model."""
+        config = config or self.config
+        if structure_of(config) != self._structure:
+            raise MergeConfigError("this engine was built for a different merge (method, models, slices or "
+                                   "dtypes changed); build a new engine", "config")
+        seed = self.seed if seed is None else seed
+        t0 = time.perf_counter()
+        for task, inputs, target in zip(self.plan, self._inputs, self._targets):
+            merged = self._merge(task, inputs, config, seed)
+            if check_finite and not bool(torch.isfinite(merged).all()):
+                raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}")
+            target.copy_(merged)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last = MaterializeStats(time.perf_counter() - t0, len(self.plan))
+        return self.model
+
+    def _merge(self, task: TensorTask, inputs: TensorInputs, config: MergeConfig, seed: int) -> torch.Tensor:
+        if not self.offload:
+            return merge_one(task, inputs, config, self.method, seed)
+        on_device = inputs.to(self.device, non_blocking=True)
+        merged = merge_one(task, on_device, config, self.method, seed)
+        inputs.keep_memo_from(on_device)
+        return merged
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer of the config's tokenizer source (base model, else first model), loaded once."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = self.tokenizer_source()
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            except (OSError, ValueError) as err:
+                raise MergeConfigError(f"cannot load a tokenizer from {source}: {err}", "tokenizer_source") from None
+        return self._tokenizer
+
+    def tokenizer_source(self) -> Path:
+        return tokenizer_source_path(self.config, self.sources)
+
+    def resident_bytes(self) -> int:
+        return sum(i.resident_bytes() for i in self._inputs)
+
+
+def tokenizer_source_path(config: MergeConfig, sources: dict[str, ModelSource]) -> Path:
+    """Folder whose tokenizer the merged model uses: tokenizer_source (a model or 'base'), else base, else first."""
+    ts = config.tokenizer_source
+    if ts and ts not in ("base", "union"):
+        return config.resolve_model(ts)
+    if config.base_model:
+        return sources[config.base_model].path
+    return next(iter(sources.values())).path
+
+
+class SoupEngine:
+    """Uniform soups of many same-shaped checkpoints in one live model, O(1) memory in their number.
+
+    Keeps a float32 running sum of the kept ingredients; `show_single(i)` and `show_with(i)` write x_i
+    or (sum + x_i) / (k + 1) into the live model, streaming x_i tensor by tensor from disk (safetensors
+    mmap); `keep(i)` adds x_i to the sum. The result equals mergekit's linear merge with equal weights.
+    """
+
+    def __init__(self, checkpoints: list[Path | str], device: str | torch.device = "auto",
+                 dtype: str | None = None, allow_pickle: bool = False):
+        self.device = pick_device(device)
+        self.sources = [ModelSource(p, ref=str(p), allow_pickle=allow_pickle) for p in checkpoints]
+        if not self.sources:
+            raise MergeConfigError("no checkpoints to soup", "checkpoints")
+        check_compatible({s.ref: s for s in self.sources})
+        first = self.sources[0]
+        self.out_dtype = torch_dtype(dtype, "dtype") or _stored_dtype(first)
+        self.names = [n for n in first.tensor_names if not (n == "lm_head.weight" and first.tied_embeddings)]
+        self.model = self._build_model(first)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        unknown = [n for n in self.names if n not in params]
+        if unknown:
+            raise MergeConfigError(f"tensor {unknown[0]!r} has no place in the model", f"model {first.ref}")
+        self._targets = {n: params[n].data for n in self.names}
+        self._sum: dict[str, torch.Tensor] | None = None
+        self.kept: list[int] = []
+        self._tokenizer = None
+
+    def _build_model(self, first: ModelSource):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        cfg = dict(first.config)
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device(self.device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.out_dtype, trust_remote_code=False)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model.eval().requires_grad_(False)
+
+    def _read(self, i: int, name: str) -> torch.Tensor:
+        return self.sources[i].read(name, torch.float32, self.device)
+
+    @torch.no_grad()
+    def show_single(self, i: int):
+        """Live model = checkpoint i."""
+        for name, target in self._targets.items():
+            target.copy_(self._read(i, name))
+        return self.model
+
+    @torch.no_grad()
+    def show_with(self, i: int | None):
+        """Live model = uniform average of the kept ingredients plus ingredient i (None: kept only)."""
+        k = len(self.kept) + (i is not None)
+        if k == 0:
+            raise ValueError("empty soup")
+        for name, target in self._targets.items():
+            total = self._sum[name].clone() if self._sum is not None else None
+            if i is not None:
+                x = self._read(i, name)
+                total = x if total is None else total.add_(x)
+            target.copy_(total.div_(k))
+        return self.model
+
+    @torch.no_grad()
+    def keep(self, i: int) -> None:
+        """Add ingredient i to the running sum."""
+        if self._sum is None:
+            self._sum = {name: self._read(i, name).clone() for name in self.names}
+        else:
+            for name in self.names:
+                self._sum[name].add_(self._read(i, name))
+        self.kept.append(i)
+
+    def reset(self) -> None:
+        """Empty the soup."""
+        self._sum = None
+        self.kept = []
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.sources[0].path, trust_remote_code=False)
+        return self._tokenizer
+
+
+def _stored_dtype(source: ModelSource) -> torch.dtype:
+    dtypes = {m.dtype for m in source.meta.values() if m.dtype.is_floating_point}
+    return torch.float32 if len(dtypes) != 1 else dtypes.pop()

@@ -1,0 +1,254 @@
+"""Reading source models: local Hugging Face folders, sharded safetensors read lazily, architecture checks.
+
+Owns every read of model weights from disk. Never downloads, never runs code from a model folder,
+and reads pickle (.bin) weights only when explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merge_core.errors import MergeConfigError
+
+log = logging.getLogger(__name__)
+
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def torch_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
+    """The torch dtype for a config dtype name (None stays None)."""
+    if name is None:
+        return None
+    try:
+        return DTYPES[str(name).removeprefix("torch.")]
+    except KeyError:
+        raise MergeConfigError(f"unknown dtype {name!r} (use one of float32, float16, bfloat16)", where) from None
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class ModelSource:
+    """One local model folder: its config.json, a tensor index across shards, and lazy tensor reads."""
+
+    def __init__(self, path: Path | str, ref: str | None = None, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.ref = ref or str(path)
+        where = f"model {self.ref}"
+        if not self.path.is_dir():
+            raise MergeConfigError(
+                f"model folder not found at {self.path} (mergesearch reads local folders only, never downloads)",
+                where)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise MergeConfigError(f"no config.json in {self.path}", where)
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise MergeConfigError(f"unreadable config.json: {err}", where) from None
+        self._handles: dict[Path, object] = {}
+        self.pickle = False
+        self.weight_map, self.meta = self._index(allow_pickle)
+
+    # ---- index -------------------------------------------------------------------------------
+    def _index(self, allow_pickle: bool) -> tuple[dict[str, Path], dict[str, TensorMeta]]:
+        files = self._safetensors_files()
+        if not files:
+            pickles = self._pickle_files()
+            if not pickles:
+                raise MergeConfigError(f"no model weights (*.safetensors) in {self.path}", f"model {self.ref}")
+            if not allow_pickle:
+                raise MergeConfigError(
+                    "has only pickle weights (.bin), which can run code when loaded; convert to safetensors "
+                    "or pass --allow-pickle if you trust it", f"model {self.ref}")
+            return self._index_pickles(pickles)
+        weight_map: dict[str, Path] = {}
+        meta: dict[str, TensorMeta] = {}
+        for file in files:
+            handle = self._open(file)
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                meta[name] = TensorMeta(tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), file))
+                weight_map[name] = file
+        return weight_map, meta
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError) as err:
+                raise MergeConfigError(f"bad {SAFETENSORS_INDEX}: {err}", f"model {self.ref}") from None
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise MergeConfigError(f"shard {missing[0]} listed in {SAFETENSORS_INDEX} is missing",
+                                       f"model {self.ref}")
+            return [self.path / n for n in names]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _pickle_files(self) -> list[Path]:
+        return sorted(self.path.glob("pytorch_model*.bin"))
+
+    def _index_pickles(self, files: list[Path]) -> tuple[dict[str, Path], dict[str, TensorMeta]]:
+        self.pickle = True
+        self._pickled: dict[str, torch.Tensor] = {}
+        weight_map, meta = {}, {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+                raise MergeConfigError(f"cannot read {file.name}: {err}", f"model {self.ref}") from None
+            for name, tensor in state.items():
+                self._pickled[name] = tensor
+                weight_map[name] = file
+                meta[name] = TensorMeta(tuple(tensor.shape), tensor.dtype)
+        return weight_map, meta
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+                raise MergeConfigError(f"corrupt or truncated safetensors file {file.name}: {err}",
+                                       f"model {self.ref}") from None
+        return self._handles[file]
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.meta)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return archs[0]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "?")
+
+    @property
+    def num_layers(self) -> int:
+        found = {int(m.group(1)) for n in self.meta if (m := LAYER_RE.search(n))}
+        return max(found) + 1 if found else int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size")
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def nbytes(self) -> int:
+        return sum(_numel(m.shape) * _itemsize(m.dtype) for m in self.meta.values())
+
+    # ---- reads -------------------------------------------------------------------------------
+    def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+             ) -> torch.Tensor:
+        """Read one tensor (cast to dtype, moved to device)."""
+        if name not in self.meta:
+            raise MergeConfigError(f"tensor {name!r} is missing", f"model {self.ref}")
+        if self.pickle:
+            tensor = self._pickled[name]
+        else:
+            try:
+                tensor = self._open(self.weight_map[name]).get_tensor(name)
+            except Exception as err:  # noqa: BLE001
+                raise MergeConfigError(f"cannot read tensor {name!r} from {self.weight_map[name].name}: {err}",
+                                       f"model {self.ref}") from None
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if device is not None:
+            tensor = tensor.to(device)
+        return tensor
+
+
+def _safetensors_dtype(code: str, file: Path) -> torch.dtype:
+    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if code not in table:
+        raise MergeConfigError(f"unsupported tensor dtype {code}", str(file))
+    return table[code]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) -> None:
+    """Sources must share architecture, vocabulary size and (unless slicing) tensor names and shapes.
+
+    Raises MergeConfigError naming the first model and tensor that disagree with the first source.
+    """
+    refs = list(sources)
+    first = sources[refs[0]]
+    for ref in refs[1:]:
+        other = sources[ref]
+        where = f"model {ref}"
+        if other.architecture != first.architecture:
+            raise MergeConfigError(
+                f"architecture {other.architecture} differs from {first.architecture} of {first.ref}", where)
+        if other.vocab_size != first.vocab_size:
+            raise MergeConfigError(
+                f"vocab size {other.vocab_size} differs from {first.vocab_size} of {first.ref} "
+                "(merging different vocabularies is not supported)", where)
+        if not same_layers:
+            continue
+        if other.num_layers != first.num_layers:
+            raise MergeConfigError(
+                f"has {other.num_layers} layers, {first.ref} has {first.num_layers} (use slices to merge "
+                "different depths)", where)
+        _check_tensor_sets(first, other)
+
+
+def _check_tensor_sets(first: ModelSource, other: ModelSource) -> None:
+    where = f"model {other.ref}"
+    names_a = set(first.meta) - _tied_head(first)
+    names_b = set(other.meta) - _tied_head(other)
+    for name in sorted(names_a - names_b):
+        if name == "lm_head.weight" and other.tied_embeddings:
+            continue
+        raise MergeConfigError(f"tensor {name!r} is missing (present in {first.ref})", where)
+    for name in sorted(names_b - names_a):
+        if name == "lm_head.weight" and first.tied_embeddings:
+            continue
+        raise MergeConfigError(f"has extra tensor {name!r} (absent in {first.ref})", where)
+    for name in sorted(names_a & names_b):
+        if first.meta[name].shape != other.meta[name].shape:
+            raise MergeConfigError(
+                f"tensor {name!r} has shape {list(other.meta[name].shape)}, {first.ref} has "
+                f"{list(first.meta[name].shape)}", where)
+
+
+def _tied_head(source: ModelSource) -> set[str]:
+    """lm_head.weight stored in a tied-embedding checkpoint is a duplicate; ignore it for set checks."""
+    return {"lm_head.weight"} if source.tied_embeddings and "lm_head.weight" in source.meta else set()

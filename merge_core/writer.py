@@ -1,0 +1,287 @@
+"""Writing merged models: streaming sharded safetensors, config, tokenizer and model card, atomically.
+
+Owns every write of a model folder and the `mergesearch merge` command. A crash never leaves a
+half-written model: everything goes to a temporary sibling folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from merge_core.config import MergeConfig, dump_config, load_config
+from merge_core.errors import MergeConfigError
+from merge_core.methods import TensorInputs, get_method
+from merge_core.plan import TensorTask, merge_one
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+def parse_size(text: str | int) -> int:
+    """'5B' -> 5e9 bytes, '500M' -> 5e8, '64K' -> 64e3, plain digits are bytes."""
+    if isinstance(text, int):
+        return text
+    value = str(text).strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if value and value[-1] in scale:
+            size = int(float(value[:-1]) * scale[value[-1]])
+        else:
+            size = int(value)
+    except ValueError:
+        raise MergeConfigError(f"bad size {text!r} (e.g. 500M, 5B)", "--out-shard-size") from None
+    if size <= 0:
+        raise MergeConfigError(f"size must be positive, got {text!r}", "--out-shard-size")
+    return size
+
+
+# ---- streaming safetensors -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_bytes (a bigger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+class SafetensorsStream:
+    """A safetensors file written tensor by tensor: the header is known up front from the specs."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec]):
+        self.path = path
+        self.specs = {s.name: s for s in specs}
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for s in specs:
+            header[s.name] = {"dtype": ST_DTYPES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._order = [s.name for s in specs]
+        self._next = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._next]
+        spec = self.specs[name]
+        if name != expected or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {expected}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if self._next != len(self._order):
+            raise RuntimeError(f"{self.path.name}: {len(self._order) - self._next} tensors never written")
+
+
+def write_safetensors_shards(folder: Path, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
+                             max_shard_bytes: int) -> list[Path]:
+    """Stream `tensors` (in spec order) into model.safetensors or model-0000i-of-0000n shards + index."""
+    shards = plan_shards(specs, max_shard_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shard_of = {s.name: i for i, shard in enumerate(shards) for s in shard}
+    streams: list[SafetensorsStream | None] = [None] * n
+    it = iter(tensors)
+    for i, shard in enumerate(shards):
+        streams[i] = SafetensorsStream(folder / names[i], shard)
+        for _ in shard:
+            name, tensor = next(it)
+            if shard_of.get(name) != i:
+                raise RuntimeError(f"tensor {name} out of order")
+            streams[i].write(name, tensor)
+        streams[i].close()
+    if n > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {s.name: names[shard_of[s.name]] for s in specs}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [folder / name for name in names]
+
+
+# ---- model folders ------------------------------------------------------------------------------
+def model_card(config_yaml: str, title: str = "Merged model", extra: str = "") -> str:
+    """README.md for a merged model: what it is, the merge YAML, and optional extra sections (scores)."""
+    return (f"---\ntags:\n- merge\n- mergesearch\n---\n# {title}\n\n"
+            "This model was merged with mergesearch, whose merges equal "
+            "[mergekit](https://github.com/arcee-ai/mergekit)'s for the same YAML; the configuration below "
+            "runs unchanged in `mergekit-yaml`.\n\n"
+            f"{extra.strip()}\n\n## Merge configuration\n\n```yaml\n{config_yaml.strip()}\n```\n")
+
+
+class AtomicFolder:
+    """A temporary sibling folder that replaces `target` on success and disappears on failure."""
+
+    def __init__(self, target: Path, force: bool = False):
+        self.target = Path(target).absolute()
+        if self.target.exists() and not force:
+            raise MergeConfigError("output folder already exists (pass --force to replace it)", str(target))
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as err:
+            raise MergeConfigError(f"cannot create the output folder: {err.strerror}", str(target)) from None
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise MergeConfigError(f"writing failed: {exc.strerror or exc}", str(self.target)) from None
+            return False
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_model_folder(out_dir: Path, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]], *,
+                       model_config: dict, config_yaml: str, source_folder: Path, tokenizer_folder: Path | None,
+                       max_shard_bytes: int = 5 * 10**9, card_extra: str = "", force: bool = False) -> Path:
+    """Write a complete HF model folder atomically: shards (+index), config.json, generation config,
+    tokenizer files, README.md card and mergekit_config.yml."""
+    with AtomicFolder(out_dir, force=force) as tmp:
+        write_safetensors_shards(tmp, specs, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        generation = source_folder / "generation_config.json"
+        if generation.is_file():
+            shutil.copyfile(generation, tmp / "generation_config.json")
+        if tokenizer_folder is not None:
+            copied = [f for f in TOKENIZER_FILES if (tokenizer_folder / f).is_file()]
+            for name in copied:
+                shutil.copyfile(tokenizer_folder / name, tmp / name)
+            if not copied:
+                log.warning("no tokenizer files found in %s", tokenizer_folder)
+        (tmp / "mergekit_config.yml").write_text(config_yaml)
+        (tmp / "README.md").write_text(model_card(config_yaml, extra=card_extra))
+    return Path(out_dir)
+
+
+# ---- the streaming merge -------------------------------------------------------------------------
+def streamed_tensors(plan: list[TensorTask], read: Callable[[str, str], torch.Tensor], config: MergeConfig,
+                     out_dtype: torch.dtype, seed: int, prefetch: bool = True
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merge tensor by tensor: read the sources of one output tensor, merge, yield, forget.
+
+    With `prefetch`, the next tensor's sources are read on a thread while this one merges (one extra
+    tensor set in memory); without, peak memory is one tensor per source plus the output.
+    """
+    method = get_method(config.merge_method)
+
+    def gather(task: TensorTask) -> TensorInputs:
+        return TensorInputs(task.out_name, [ref for ref, _ in task.sources],
+                            [read(ref, name) for ref, name in task.sources], task.base_index)
+
+    if not plan:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(gather, plan[0]) if prefetch else None
+        for i, task in enumerate(plan):
+            inputs = pending.result() if prefetch else gather(task)
+            if prefetch and i + 1 < len(plan):
+                pending = pool.submit(gather, plan[i + 1])
+            merged = merge_one(task, inputs, config, method, seed)
+            del inputs
+            yield task.out_name, merged.to(out_dtype)
+
+
+def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto", max_shard_bytes: int = 5 * 10**9,
+                    copy_tokenizer: bool = True, lazy: bool = False, allow_pickle: bool = False, seed: int = 0,
+                    force: bool = False, card_extra: str = "",
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Merge `config` from disk to `out_dir`, streaming (the `mergesearch merge` path)."""
+    from merge_core.engine import open_sources, output_model_config, pick_device, plan_for, tokenizer_source_path
+    from merge_core.sources import torch_dtype
+
+    dev = pick_device(device)
+    sources = open_sources(config, allow_pickle)
+    plan = plan_for(config, sources)
+    compute = torch_dtype(config.dtype, "dtype") or torch.float32
+    out_dtype = torch_dtype(config.out_dtype, "out_dtype") or compute
+    specs = [TensorSpec(t.out_name, sources[t.sources[0][0]].meta[t.sources[0][1]].shape, out_dtype) for t in plan]
+
+    def read(ref: str, name: str) -> torch.Tensor:
+        return sources[ref].read(name, compute, dev)
+
+    tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy)
+    if progress is not None:
+        tensors = _counting(tensors, len(plan), progress)
+    first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
+    return write_model_folder(
+        out_dir, specs, tensors,
+        model_config=output_model_config(config, sources, plan, out_dtype),
+        config_yaml=dump_config(config), source_folder=first.path,
+        tokenizer_folder=tokenizer_source_path(config, sources) if copy_tokenizer else None,
+        max_shard_bytes=max_shard_bytes, card_extra=card_extra, force=force)
+
+
+def _counting(items: Iterator, total: int, progress: Callable[[int, int], None]) -> Iterator:
+    for i, item in enumerate(items, 1):
+        yield item
+        progress(i, total)
+
+
+def merge_command(args) -> int:
+    """`mergesearch merge CONFIG OUT_DIR`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    config = load_config(args.config)
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task_id = bar.add_task("merge", total=None)
+        out = merge_to_folder(
+            config, Path(args.out_dir), device=args.device, max_shard_bytes=parse_size(args.out_shard_size),
+            copy_tokenizer=args.copy_tokenizer, lazy=args.lazy, allow_pickle=args.allow_pickle,
+            seed=args.random_seed, force=args.force,
+            progress=lambda done, total: bar.update(task_id, completed=done, total=total))
+    console.print(f"merged {config.merge_method} -> {out} in {time.perf_counter() - t0:.1f}s")
+    return 0

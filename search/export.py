@@ -1,0 +1,147 @@
+"""Exports from a study: best_config.yaml (atomic, with a score header), merged models with a card, `export`.
+
+Owns everything written about a chosen trial; rebuilds it from the storage alone (trial user attrs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from search import StudyError
+
+BEST_CONFIG = "best_config.yaml"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str = ".lock"):
+    """An exclusive inter-process lock on a file in `folder` (workers on one machine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def config_header(trial_number: int, score: float | None, scores: dict[str, float], split: str,
+                  study_name: str, extra: dict[str, object] | None = None) -> str:
+    """The comment block on top of an exported config: scores, trial, date."""
+    when = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [f"# mergesearch study {study_name!r}: trial {trial_number}, exported {when}",
+             f"# score ({split}): {score:.6g}" if score is not None else f"# score ({split}): n/a"]
+    lines += [f"#   {task}: {value:.6g}" for task, value in scores.items()]
+    lines += [f"# {key}: {value}" for key, value in (extra or {}).items()]
+    lines.append("# Runs unchanged in mergekit: mergekit-yaml THIS_FILE OUT_DIR")
+    return "\n".join(lines) + "\n"
+
+
+def trial_config_yaml(trial) -> str:
+    """The full merge config YAML stored with a trial (StudyError if the trial has none)."""
+    text = trial.user_attrs.get("config")
+    if not text:
+        raise StudyError(f"trial {trial.number} stores no merge config", "--trial")
+    return text
+
+
+def write_best_config(output_dir: Path, trial, split: str, study_name: str, score: float | None = None,
+                      scores: dict[str, float] | None = None, extra: dict | None = None) -> Path:
+    """Rewrite output_dir/best_config.yaml atomically for `trial`."""
+    if score is None:
+        score = trial.user_attrs.get("score", trial.values[0] if trial.values else None)
+    scores = scores if scores is not None else trial.user_attrs.get("scores", {})
+    text = config_header(trial.number, score, scores, split, study_name, extra) + trial_config_yaml(trial)
+    path = Path(output_dir) / BEST_CONFIG
+    atomic_write_text(path, text)
+    return path
+
+
+def scores_card(trial, holdout: dict | None) -> str:
+    """Markdown section with the trial's scores (search split and, when known, held-out)."""
+    rows = ["## Scores (mergesearch)", "", "| task | search | held-out |", "|---|---|---|"]
+    search_scores = trial.user_attrs.get("scores", {})
+    held = (holdout or {}).get("scores", {})
+    for task in sorted(set(search_scores) | set(held)):
+        s = search_scores.get(task)
+        h = held.get(task)
+        rows.append(f"| {task} | {s:.4f} | {h:.4f} |" if s is not None and h is not None
+                    else f"| {task} | {s if s is not None else '-'} | {h if h is not None else '-'} |")
+    return "\n".join(rows)
+
+
+def export_command(args) -> int:
+    """`mergesearch export STUDY.yaml [--trial N] [--out best.yaml] [--write-model DIR]`."""
+    from rich.console import Console
+
+    from merge_core.config import parse_config
+    from merge_core.writer import merge_to_folder
+    from search.loop import holdout_results, open_study
+    from search.study import load_study
+
+    console = Console(stderr=True)
+    study_cfg = load_study(args.study)
+    study = open_study(study_cfg, args.storage, create=False)
+    trial, split, score, scores = choose_trial(study, args.trial)
+    out = Path(args.out) if args.out else study_cfg.output_dir / BEST_CONFIG
+    text = config_header(trial.number, score, scores, split, study_cfg.name) + trial_config_yaml(trial)
+    atomic_write_text(out, text)
+    console.print(f"trial {trial.number} ({split} score {score:.4f}) -> {out}")
+    if args.write_model:
+        import yaml
+
+        config = parse_config(yaml.safe_load(trial_config_yaml(trial)), where=f"trial {trial.number}",
+                              base_dir=study_cfg.base_dir)
+        held = holdout_results(study).get(trial.number)
+        folder = merge_to_folder(config, Path(args.write_model), device=args.device, seed=study_cfg.seed,
+                                 card_extra=scores_card(trial, held), force=True)
+        console.print(f"merged model -> {folder}")
+    return 0
+
+
+def choose_trial(study, number: int | None):
+    """(trial, split, score, per-task scores): the given trial, else the held-out winner, else the best."""
+    from optuna.trial import TrialState
+
+    from search.loop import holdout_results
+
+    held = holdout_results(study)
+    if number is not None:
+        matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not matches:
+            raise StudyError(f"no trial {number} in study {study.study_name!r}", "--trial")
+        trial = matches[0]
+        if trial.state != TrialState.COMPLETE:
+            raise StudyError(f"trial {number} is {trial.state.name}, not COMPLETE", "--trial")
+    else:
+        winner = study.user_attrs.get("holdout_winner")
+        complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        if not complete:
+            raise StudyError(f"study {study.study_name!r} has no completed trial yet", "study")
+        if winner is not None and winner in complete:
+            trial = complete[winner]
+        else:
+            trial = max(complete.values(), key=lambda t: t.user_attrs.get("score", float("-inf")))
+    if trial.number in held:
+        return trial, "held-out", held[trial.number]["score"], held[trial.number]["scores"]
+    return trial, "search", trial.user_attrs.get("score"), trial.user_attrs.get("scores", {})

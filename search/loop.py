@@ -1,0 +1,425 @@
+"""The overnight loop: create or resume a study, run trials under a budget in one or several workers,
+keep best_config.yaml current, and finish with a held-out re-evaluation of the top trials.
+
+Owns Optuna storage, samplers, pruners, the trial budget, signals and live progress; never merges
+or scores by itself (TrialRunner does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from search import StudyError
+from search.export import folder_lock, write_best_config
+from search.space import SearchSpace
+from search.study import StudyConfig, load_study
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+HEARTBEAT_S = 10       # a worker's running trial refreshes its heartbeat this often
+GRACE_S = 30           # a running trial without heartbeat for this long is stale (worker died)
+SPACE_ATTR = "mergesearch_space"
+
+
+# ---- storage and study -----------------------------------------------------------------------------
+def make_storage(url: str):
+    """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
+    from optuna.storages import RetryFailedTrialCallback
+
+    try:
+        if url.endswith((".log", ".journal")) and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StudyError(f"cannot open storage: {first}", _redact(url)) from None
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def _sampler(study: StudyConfig, space: SearchSpace):
+    cfg = study.sampler
+    opts = dict(cfg.options)
+    if cfg.name == "cmaes":
+        # Sakana-style: start in the middle of every range, sigma0 = 1/6 of the (normalized) range.
+        opts.setdefault("x0", {g.name: (g.low + g.high) / 2 for g in space.genes})
+        opts.setdefault("sigma0", 1 / 6 * min(g.high - g.low for g in space.genes))
+        return optuna.samplers.CmaEsSampler(seed=cfg.seed, **opts)
+    if cfg.name == "tpe":
+        opts.setdefault("multivariate", True)
+        return optuna.samplers.TPESampler(seed=cfg.seed, **opts)
+    if cfg.name == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed, **opts)
+    if cfg.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, **opts)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
+def _pruner(study: StudyConfig):
+    cfg = study.pruner
+    opts = dict(cfg.options)
+    if cfg.name == "wilcoxon":
+        opts.setdefault("p_threshold", 0.1)
+        return optuna.pruners.WilcoxonPruner(**opts)
+    if cfg.name == "median":
+        opts.setdefault("n_startup_trials", 5)
+        return optuna.pruners.MedianPruner(**opts)
+    if cfg.name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**opts)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(study_cfg: StudyConfig, storage_url: str | None = None, create: bool = True,
+               space: SearchSpace | None = None, new_study: bool = False) -> optuna.Study:
+    """Create the study or load the existing one; refuse to resume with a different search space."""
+    url = study_cfg.storage_url(storage_url)
+    if url.startswith("sqlite:///"):
+        _check_writable(Path(url.removeprefix("sqlite:///")).parent)
+    storage = make_storage(url)
+    exists = study_cfg.name in {s.study_name for s in _summaries(storage, url)}
+    if not create and not exists:
+        raise StudyError(f"no study named {study_cfg.name!r} in the storage (run `mergesearch search` first)",
+                         _redact(url))
+    if exists and new_study:
+        optuna.delete_study(study_name=study_cfg.name, storage=storage)
+        log.warning("deleted the existing study %r (--new-study)", study_cfg.name)
+        exists = False
+    kwargs = {}
+    if space is not None:
+        kwargs = {"sampler": _sampler(study_cfg, space), "pruner": _pruner(study_cfg)}
+    directions = ["maximize"] * (len(study_cfg.evaluation.tasks) if study_cfg.multi_objective else 1)
+    try:
+        study = optuna.create_study(study_name=study_cfg.name, storage=storage, directions=directions,
+                                    load_if_exists=True, **kwargs)
+    except ValueError as err:
+        raise StudyError(f"cannot resume study {study_cfg.name!r}: {err}", _redact(url)) from None
+    if space is not None:
+        stored = study.user_attrs.get(SPACE_ATTR)
+        if stored is None:
+            study.set_user_attr(SPACE_ATTR, space.signature())
+        elif stored != space.signature():
+            raise StudyError(f"study {study_cfg.name!r} exists with a different search space or merge "
+                             "(pass --new-study to replace it, or change `name`)", study_cfg.path.name)
+    return study
+
+
+def _summaries(storage, url: str):
+    try:
+        return optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as err:  # noqa: BLE001
+        raise StudyError(f"cannot read storage: {str(err).splitlines()[0]}", _redact(url)) from None
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise StudyError(f"output folder is not writable: {err.strerror}", str(folder)) from None
+
+
+def holdout_results(study: optuna.Study) -> dict[int, dict]:
+    """Held-out re-evaluations stored in the study: trial number -> {score, scores}."""
+    return {int(k): v for k, v in (study.user_attrs.get("holdout") or {}).items()}
+
+
+# ---- the budget --------------------------------------------------------------------------------------
+def _is_stale_failure(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAILED trial whose worker died or was interrupted: retried, so it does not use the budget."""
+    return t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that use the budget: finished ones (but stale failures), running and waiting ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if not _is_stale_failure(t))
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                   t.state == TrialState.FAIL and "fail_reason" in t.user_attrs))
+
+
+@dataclass
+class Budget:
+    trials: int | None
+    deadline: float | None          # time.time() after which no trial starts
+
+    def time_left(self) -> bool:
+        return self.deadline is None or time.time() < self.deadline
+
+
+def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> optuna.Trial | None:
+    """Fail stale trials, then take a waiting trial or create one if the budget allows (None: done).
+
+    The check and the ask run under a lock shared by the workers on this machine, so the total
+    never exceeds the budget. (Workers on several machines rely on PostgreSQL advisory locks.)
+    """
+    with folder_lock(lock_dir, ".budget.lock"), _advisory_lock(study):
+        optuna.storages.fail_stale_trials(study)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not budget.time_left():
+            return None
+        if not waiting and budget.trials is not None and counted_trials(study) >= budget.trials:
+            return None
+        return study.ask()
+
+
+class _advisory_lock:
+    """pg_advisory_lock around the budget check when the storage is PostgreSQL; a no-op otherwise."""
+
+    KEY = 0x6D657267  # 'merg'
+
+    def __init__(self, study: optuna.Study):
+        storage = study._storage
+        storage = getattr(storage, "_backend", storage)
+        self.engine = getattr(storage, "engine", None)
+        if self.engine is not None and self.engine.dialect.name != "postgresql":
+            self.engine = None
+        self.conn = None
+
+    def __enter__(self):
+        if self.engine is not None:
+            from sqlalchemy import text
+
+            self.conn = self.engine.connect()
+            self.conn.execute(text(f"SELECT pg_advisory_lock({self.KEY})"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.conn is not None:
+            from sqlalchemy import text
+
+            self.conn.execute(text(f"SELECT pg_advisory_unlock({self.KEY})"))
+            self.conn.close()
+        return False
+
+
+# ---- one worker ----------------------------------------------------------------------------------------
+def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, device: str | None,
+               stop: threading.Event, on_trial=None) -> None:
+    """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from search.objective import Interrupted, TrialRunner, fault_reason
+
+    space = SearchSpace(study_cfg)
+    study = open_study(study_cfg, storage_url, space=space)
+    runner = TrialRunner(study_cfg, space, device=device, stop=stop)
+    while not stop.is_set():
+        trial = ask_within_budget(study, budget, study_cfg.output_dir)
+        if trial is None:
+            break
+        state, value, reason = TrialState.COMPLETE, None, None
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            try:
+                value = runner(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except Interrupted:
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+                state = TrialState.FAIL
+            except Exception as err:  # noqa: BLE001 - a faulty candidate must not stop the night
+                reason = fault_reason(err)
+                if reason is None:
+                    raise
+                trial.set_user_attr("fail_reason", reason)
+                state = TrialState.FAIL
+                log.warning("trial %d failed: %s", trial.number, reason)
+        if state == TrialState.COMPLETE and not _finite(value):
+            trial.set_user_attr("fail_reason", "non-finite objective value")
+            state, value = TrialState.FAIL, None
+        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        if state == TrialState.COMPLETE:
+            maybe_write_best(study, study_cfg, frozen)
+        if on_trial is not None:
+            on_trial(study, frozen)
+
+
+def _finite(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def best_complete(study: optuna.Study):
+    """The completed trial with the best search score (mean of objectives when multi-objective)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t.user_attrs.get("score", float("-inf")), -t.number))
+
+
+def maybe_write_best(study: optuna.Study, study_cfg: StudyConfig, trial=None) -> None:
+    """Rewrite best_config.yaml if `trial` (or, without one, whatever is best) is the best so far."""
+    with folder_lock(study_cfg.output_dir, ".best.lock"):
+        best = best_complete(study)
+        if best is None or (trial is not None and best.number != trial.number):
+            return
+        write_best_config(study_cfg.output_dir, best, "search", study_cfg.name)
+
+
+def _worker_main(study_path: str, storage_url: str | None, budget: Budget, device: str | None,
+                 index: int) -> None:
+    """Entry point of a spawned worker process."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if device and device.startswith("cuda") and ":" not in device:
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            device = f"cuda:{index % torch.cuda.device_count()}"
+    run_worker(load_study(study_path), storage_url, budget, device, stop)
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def search_command(args) -> int:
+    """`mergesearch search STUDY.yaml [--trials N] [--timeout 8h] [--storage URL] [--workers N]`."""
+    from search.progress import SearchProgress
+    from search.study import parse_duration
+
+    study_cfg = load_study(args.study)
+    trials = args.trials if args.trials is not None else study_cfg.trials
+    timeout = parse_duration(args.timeout, "--timeout") if args.timeout else study_cfg.timeout
+    if trials is None and timeout is None:
+        raise StudyError("no budget: give budget.trials / budget.timeout in the YAML or --trials / --timeout",
+                         study_cfg.path.name)
+    if args.workers < 1:
+        raise StudyError("must be at least 1", "--workers")
+    device = args.device if args.device != "auto" else study_cfg.device
+    return run_search(study_cfg, trials=trials, timeout=timeout, storage_url=args.storage, workers=args.workers,
+                      device=device, new_study=args.new_study, progress=SearchProgress(not args.no_progress))
+
+
+def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | None, storage_url: str | None = None,
+               workers: int = 1, device: str | None = None, new_study: bool = False, progress=None) -> int:
+    """Run (or resume) the study to its budget, then finalize; returns the exit status."""
+    from search.progress import SearchProgress
+
+    progress = progress or SearchProgress(False)
+    space = SearchSpace(study_cfg)
+    study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
+    if not study.trials:
+        for label, genome in space.seed_genomes():
+            study.enqueue_trial(genome, user_attrs={"seed": label})
+    maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
+    budget = Budget(trials, time.time() + timeout if timeout else None)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with progress.running(study, study_cfg, trials, timeout):
+            if workers == 1:
+                run_worker(study_cfg, storage_url, budget, device, stop,
+                           on_trial=lambda s, t: progress.trial_done(s, t))
+            else:
+                _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
+        if stop.is_set():
+            progress.note("stopping: interrupted, writing outputs")
+        finalize(study_cfg, study, space, device, progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130 if stop.is_set() else 0
+
+
+def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i),
+                         daemon=False) for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            if stop.is_set():
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
+            progress.poll(study)
+            for p in procs:
+                p.join(timeout=1.0 / len(procs))
+    finally:
+        for p in procs:
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if failed and not stop.is_set():
+        log.warning("%d worker(s) exited with an error (codes %s)", len(failed), failed)
+
+
+# ---- the end of a run --------------------------------------------------------------------------------------
+def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, device: str | None, progress) -> None:
+    """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report."""
+    from search.report import write_report
+
+    top = top_trials(study, study_cfg.top_k)
+    if top and study_cfg.evaluation.holdout > 0:
+        seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if "seed" in t.user_attrs and t.number not in {x.number for x in top}]
+        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress)
+    held = holdout_results(study)
+    if held:
+        winner = max(held, key=lambda n: (held[n]["score"], -n))
+        study.set_user_attr("holdout_winner", winner)
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == winner)
+        with folder_lock(study_cfg.output_dir, ".best.lock"):
+            write_best_config(study_cfg.output_dir, trial, "held-out", study_cfg.name, held[winner]["score"],
+                              held[winner]["scores"], extra={"search score": trial.user_attrs.get("score")})
+    elif top:
+        maybe_write_best(study, study_cfg)
+    write_report(study_cfg, study, space)
+    progress.summary(study, study_cfg)
+
+
+def top_trials(study: optuna.Study, k: int) -> list:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.user_attrs.get("score", float("-inf")), t.number))[:k]
+
+
+def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, trials: list,
+                       device: str | None, progress) -> None:
+    """Score the given trials on the held-out split (skipping ones already done); store in the study."""
+    import yaml
+
+    from merge_core.config import parse_config
+    from search.objective import TrialRunner
+
+    done = holdout_results(study)
+    todo = [t for t in trials if t.number not in done]
+    if not todo:
+        return
+    progress.note(f"held-out re-evaluation of the top {len(trials)} trials")
+    runner = TrialRunner(study_cfg, space, device=device)
+    for trial in todo:
+        config = parse_config(yaml.safe_load(trial.user_attrs["config"]), where=f"trial {trial.number}",
+                              base_dir=study_cfg.base_dir)
+        result, _, _ = runner.evaluate(config, "holdout")
+        done[trial.number] = {"score": result.score, "scores": {n: t.score for n, t in result.tasks.items()},
+                              "stderr": {n: t.stderr for n, t in result.tasks.items()}}
+        study.set_user_attr("holdout", {str(k): v for k, v in done.items()})

@@ -1,0 +1,119 @@
+"""One trial: genome -> merge config -> materialize in place -> staged evaluation -> value(s).
+
+Owns the per-worker resident engine and suite, pruning reports, and turning numerical faults,
+out-of-memory and evaluator errors into FAILED trials with a reason. Writes no files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+
+import optuna
+
+from search.space import SearchSpace
+from search.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """The user asked the search to stop (SIGINT/SIGTERM) while a trial was running."""
+
+
+class TrialFault(Exception):
+    """A candidate that cannot be scored (NaN/inf weights or loss, out of memory, evaluator error)."""
+
+
+def fault_reason(err: BaseException) -> str | None:
+    """A one-line reason when `err` is a fault of the candidate (the study goes on), else None."""
+    import torch
+
+    from evaluators import EvalError
+    from merge_core.engine import NonFiniteMerge
+
+    if isinstance(err, NonFiniteMerge):
+        return f"non-finite merge: {err}"
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return f"out of memory: {str(err).splitlines()[0][:200]}"
+    if isinstance(err, EvalError):
+        return f"evaluation error: {err}"
+    if isinstance(err, TrialFault):
+        return str(err)
+    return None
+
+
+class TrialRunner:
+    """A worker's resident merge engine and evaluation suite; runs trials and re-evaluations."""
+
+    def __init__(self, study: StudyConfig, space: SearchSpace, device: str | None = None,
+                 stop: threading.Event | None = None):
+        from evaluators.suite import Suite
+        from merge_core.engine import MergeEngine
+
+        self.study = study
+        self.space = space
+        self.stop = stop or threading.Event()
+        t0 = time.perf_counter()
+        first = space.config(space.constant(space.default_values()))
+        self.engine = MergeEngine(first, device=device or study.device, seed=study.seed)
+        ev = study.evaluation
+        self.suite = Suite(ev.tasks, self.engine.tokenizer, holdout=ev.holdout, seed=ev.seed,
+                           device=self.engine.device, batch_size=ev.batch_size)
+        self.setup_seconds = time.perf_counter() - t0
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, config, split: str = "search", callback=None):
+        """Materialize `config` and score it on `split`; returns (SuiteResult, merge_s, eval_s)."""
+        t0 = time.perf_counter()
+        model = self.engine.materialize(config, check_finite=True)
+        t1 = time.perf_counter()
+        result = self.suite.evaluate(model, split=split, callback=callback)
+        t2 = time.perf_counter()
+        bad = [name for name, task in result.tasks.items() if not math.isfinite(task.score)]
+        if bad:
+            raise TrialFault(f"non-finite score on task {bad[0]} (NaN/inf loss)")
+        return result, t1 - t0, t2 - t1
+
+    # ---- one trial ------------------------------------------------------------------------------
+    def __call__(self, trial: optuna.Trial):
+        genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
+        from merge_core.config import dump_config
+
+        config = self.space.config(genome)
+        trial.set_user_attr("config", dump_config(config))
+        trial.set_user_attr("worker", self.worker)
+        result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial))
+        trial.set_user_attr("scores", {name: t.score for name, t in result.tasks.items()})
+        trial.set_user_attr("score", result.score)
+        trial.set_user_attr("merge_s", round(merge_s, 4))
+        trial.set_user_attr("eval_s", round(eval_s, 4))
+        trial.set_user_attr("n_items", sum(t.n for t in result.tasks.values()))
+        if self.study.multi_objective:
+            return list(result.objectives)
+        return result.score
+
+    def _reporter(self, trial: optuna.Trial):
+        """The staged-evaluation callback: report to the pruner, prune, honour a stop request."""
+        per_item = self.study.pruner.name == "wilcoxon"
+        prunes = self.study.pruner.name != "none" and not self.study.multi_objective
+
+        def report(progress) -> None:
+            if self.stop.is_set():
+                raise Interrupted("stopped by the user")
+            if not prunes:
+                return
+            if per_item:
+                for step, score in progress.new_items:
+                    trial.report(score, step)
+            else:
+                trial.report(progress.partial.score, progress.items_done)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after {progress.items_done} items")
+
+        return report

@@ -1,0 +1,199 @@
+"""Plots and tables of a study: report/ (PNG plots + report.html) and trials.csv, re-runnable any time.
+
+Owns every figure and table about a study; reads the storage only.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import logging
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from search.export import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def trials_rows(study) -> list[dict]:
+    """One flat row per trial: number, state, scores, timings, seed label, failure reason, params."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name, "score": t.user_attrs.get("score"),
+               "merge_s": t.user_attrs.get("merge_s"), "eval_s": t.user_attrs.get("eval_s"),
+               "seed": t.user_attrs.get("seed", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
+               "duration_s": t.duration.total_seconds() if t.duration else None}
+        row.update({f"score.{k}": v for k, v in t.user_attrs.get("scores", {}).items()})
+        row.update({f"param.{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return rows
+
+
+def write_trials_csv(study, path: Path) -> Path:
+    import csv
+    import io
+
+    rows = trials_rows(study)
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def plot_history(study, path: Path) -> Path:
+    plt = _plt()
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    xs = [t.number for t in complete]
+    ys = [t.user_attrs.get("score", float("nan")) for t in complete]
+    best, running = [], float("-inf")
+    for y in ys:
+        running = max(running, y)
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(xs, ys, s=12, alpha=0.6, label="trial (search split)")
+    ax.step(xs, best, where="post", color="C3", label="best so far")
+    seeds = [t for t in complete if "seed" in t.user_attrs]
+    for t in seeds:
+        ax.annotate(t.user_attrs["seed"].split(":")[0], (t.number, t.user_attrs.get("score", 0)), fontsize=7)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("score")
+    ax.set_title("optimization history")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_profile(space, genome: dict[str, float], path: Path, title: str) -> Path | None:
+    """Per-layer values of the best recipe, one line per (parameter, model, filter group)."""
+    plt = _plt()
+    rows = space.profile(genome)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, values in sorted(rows.items()):
+        xs = list(range(len(values)))
+        ax.plot(xs, values, marker="o", label=key)
+    ax.set_xlabel("layer" if space.anchors == space.num_layers else "anchor")
+    ax.set_ylabel("value")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_importances(study, path: Path) -> Path | None:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 4 or study._is_multi_objective():
+        return None
+    try:
+        importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError, ImportError) as err:
+        log.info("no parameter importances: %s", err)
+        return None
+    top = list(importances.items())[:20][::-1]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(top))))
+    ax.barh([k for k, _ in top], [v for _, v in top])
+    ax.set_xlabel("importance (fANOVA)")
+    ax.set_title("parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(study, task_names: list[str], path: Path) -> Path | None:
+    if not study._is_multi_objective() or len(task_names) < 2:
+        return None
+    plt = _plt()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in study.best_trials}
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter([t.values[0] for t in complete], [t.values[1] for t in complete], s=12, alpha=0.4, label="trials")
+    pts = sorted((t.values[0], t.values[1]) for t in complete if t.number in front)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", label="Pareto front")
+    ax.set_xlabel(task_names[0])
+    ax.set_ylabel(task_names[1])
+    ax.set_title("Pareto front")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(study_cfg, study, space) -> Path:
+    """Write output_dir/trials.csv and output_dir/report/{*.png, report.html}; returns report.html."""
+    from search.loop import best_complete
+    from search.progress import summary_table
+
+    out = study_cfg.output_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_trials_csv(study, study_cfg.output_dir / "trials.csv")
+    images = [plot_history(study, out / "history.png")]
+    winner = study.user_attrs.get("holdout_winner")
+    best = next((t for t in study.get_trials(deepcopy=False) if t.number == winner), None) or best_complete(study)
+    if best is not None:
+        images.append(plot_profile(space, best.params, out / "profile.png",
+                                   f"recipe of trial {best.number} (per layer)"))
+    images.append(plot_importances(study, out / "importances.png"))
+    images.append(plot_pareto(study, [t.name for t in study_cfg.evaluation.tasks], out / "pareto.png"))
+    from rich.console import Console
+
+    console = Console(record=True, width=140, file=io.StringIO())
+    console.print(summary_table(study, study_cfg))
+    summary = console.export_text()
+    states = {s.name: sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
+    parts = [f"<h1>mergesearch study {html.escape(study_cfg.name)}</h1>",
+             f"<p>method {html.escape(study_cfg.merge.merge_method)}, sampler {study_cfg.sampler.name}, "
+             f"pruner {study_cfg.pruner.name}; trials: "
+             + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v) + "</p>",
+             f"<pre>{html.escape(summary)}</pre>"]
+    if best is not None:
+        parts.append(f"<h2>Best recipe (trial {best.number})</h2><pre>"
+                     f"{html.escape(best.user_attrs.get('config', ''))}</pre>")
+    for img in images:
+        if img is not None:
+            parts.append(f'<h2>{img.stem}</h2><img src="{img.name}" alt="{img.stem}">')
+    parts.append('<p>All trials: <a href="../trials.csv">trials.csv</a></p>')
+    page = out / "report.html"
+    atomic_write_text(page, "<!doctype html><meta charset='utf-8'><title>mergesearch report</title>"
+                      "<body style='font-family:sans-serif;max-width:900px;margin:auto'>" + "\n".join(parts))
+    return page
+
+
+def report_command(args) -> int:
+    """`mergesearch report STUDY.yaml`."""
+    from rich.console import Console
+
+    from search.loop import open_study
+    from search.space import SearchSpace
+    from search.study import load_study
+
+    study_cfg = load_study(args.study)
+    study = open_study(study_cfg, args.storage, create=False)
+    page = write_report(study_cfg, study, SearchSpace(study_cfg))
+    Console(stderr=True).print(f"report -> {page}")
+    return 0

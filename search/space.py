@@ -1,0 +1,194 @@
+"""The search space: genes (named floats with bounds) <-> a mergekit config with gradient lists.
+
+Owns gene naming, bounds, seed genomes (parents, uniform, defaults) and the genome -> config mapping.
+Knows nothing of Optuna beyond plain dicts of gene values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from search import StudyError
+from search.study import StudyConfig
+
+REST = "rest"   # the filter group of tensors matched by no per_filter entry
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str
+    param: str
+    low: float
+    high: float
+    model: int | None      # index into merge.models for model-level parameters
+    group: str | None      # filter group (None when per_filter is off)
+    anchor: int            # position in the gradient list
+
+
+class SearchSpace:
+    """Genes of a study and the mapping genome -> mergekit config dict (and MergeConfig)."""
+
+    def __init__(self, study: StudyConfig):
+        from merge_core.methods import get_method
+
+        self.study = study
+        raw = study.merge_raw
+        if raw.get("slices"):
+            raise StudyError("searching slice (passthrough) configs is not supported; use models:",
+                             f"{study.path.name}: merge.slices")
+        self.method = get_method(study.merge.merge_method)
+        self.model_refs = [entry["model"] if isinstance(entry, dict) else entry for entry in raw.get("models", [])]
+        self.base_ref = raw.get("base_model")
+        self.num_layers = self._num_layers()
+        space = study.space
+        self.anchors = {"global": 1, "layer": self.num_layers, "anchors": space.anchors}[space.granularity]
+        self.groups: list[str | None] = [*space.per_filter, REST] if space.per_filter else [None]
+        self.searched_models = [i for i, ref in enumerate(self.model_refs)
+                                if not (self.method.requires_base and self.method.delta_based and ref == self.base_ref)]
+        self.genes = self._genes()
+
+    # ---- structure ------------------------------------------------------------------------------
+    def _num_layers(self) -> int:
+        ref = self.base_ref or (self.model_refs[0] if self.model_refs else None)
+        if ref is None:
+            raise StudyError("the merge block lists no models", f"{self.study.path.name}: merge.models")
+        path = self.study.merge.resolve_model(ref)
+        try:
+            config = json.loads((Path(path) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise StudyError(f"cannot read config.json of model {ref}: {err}",
+                             f"{self.study.path.name}: merge") from None
+        return int(config.get("num_hidden_layers", 1))
+
+    def _genes(self) -> list[Gene]:
+        where = f"{self.study.path.name}: space.params"
+        genes: list[Gene] = []
+        for param, (low, high) in self.study.space.params.items():
+            spec = self.method.model_params.get(param) or self.method.params.get(param)
+            if spec is None:
+                known = sorted({*self.method.model_params, *self.method.params})
+                raise StudyError(f"{self.method.name} has no parameter {param!r} (has: {', '.join(known)})",
+                                 f"{where}.{param}")
+            if spec.kind not in (float, int):
+                raise StudyError(f"{param} is not numeric and cannot be searched", f"{where}.{param}")
+            if (spec.low is not None and low < spec.low) or (spec.high is not None and high > spec.high):
+                raise StudyError(f"bounds [{low}, {high}] leave the allowed range [{spec.low}, {spec.high}]",
+                                 f"{where}.{param}")
+            per_model = param in self.method.model_params and self.study.space.per_model
+            models = self.searched_models if per_model else [None]
+            for m in models:
+                for group in self.groups:
+                    for k in range(self.anchors):
+                        parts = [param] + ([f"m{m}"] if m is not None else []) + ([group] if group else [])
+                        if self.anchors > 1:
+                            parts.append(str(k))
+                        genes.append(Gene(".".join(parts), param, low, high, m, group, k))
+        return genes
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.genes]
+
+    def signature(self) -> dict:
+        """What must match for a stored study to be resumed with this space."""
+        return {"method": self.method.name, "models": self.model_refs, "base_model": self.base_ref,
+                "genes": [[g.name, g.low, g.high] for g in self.genes]}
+
+    # ---- genome -> config -----------------------------------------------------------------------
+    def config_dict(self, genome: dict[str, float]) -> dict:
+        """The mergekit config (a plain dict) for a genome: the skeleton with searched values filled in."""
+        missing = [n for n in self.names if n not in genome]
+        if missing:
+            raise StudyError(f"genome lacks gene {missing[0]!r}", "genome")
+        cfg = copy.deepcopy(self.study.merge_raw)
+        cfg["models"] = [dict(e) if isinstance(e, dict) else {"model": e} for e in cfg.get("models", [])]
+        for param in self.study.space.params:
+            genes = [g for g in self.genes if g.param == param]
+            for m in sorted({g.model for g in genes}, key=lambda x: -1 if x is None else x):
+                setting = self._setting([g for g in genes if g.model == m], genome)
+                target = cfg if m is None else cfg["models"][m]
+                target["parameters"] = dict(target.get("parameters") or {})
+                target["parameters"][param] = setting
+        return cfg
+
+    def _setting(self, genes: list[Gene], genome: dict[str, float]):
+        def values(group):
+            row = [float(genome[g.name]) for g in sorted(genes, key=lambda g: g.anchor) if g.group == group]
+            return row[0] if len(row) == 1 else row
+
+        if self.groups == [None]:
+            return values(None)
+        entries = [{"filter": grp, "value": values(grp)} for grp in self.groups if grp != REST]
+        entries.append({"value": values(REST)})
+        return entries
+
+    def config(self, genome: dict[str, float]):
+        """The MergeConfig for a genome."""
+        from merge_core.config import parse_config
+
+        return parse_config(self.config_dict(genome), where="genome", base_dir=self.study.base_dir)
+
+    # ---- seed genomes ---------------------------------------------------------------------------
+    def clip(self, genome: dict[str, float]) -> dict[str, float]:
+        return {g.name: min(max(float(genome[g.name]), g.low), g.high) for g in self.genes}
+
+    def constant(self, values: dict[str, float], per_model: dict[int, dict[str, float]] | None = None
+                 ) -> dict[str, float]:
+        """A genome with the same value at every layer/group: values[param], overridden per model."""
+        genome = {}
+        for g in self.genes:
+            v = (per_model or {}).get(g.model, {}).get(g.param, values.get(g.param))
+            genome[g.name] = (g.low + g.high) / 2 if v is None else v
+        return self.clip(genome)
+
+    def default_values(self) -> dict[str, float]:
+        """Each searched parameter at the method's default (mid-range when it has none)."""
+        out = {}
+        for param, (low, high) in self.study.space.params.items():
+            spec = self.method.model_params.get(param) or self.method.params.get(param)
+            out[param] = spec.default if isinstance(spec.default, (int, float)) and not isinstance(
+                spec.default, bool) else (low + high) / 2
+        return out
+
+    def seed_genomes(self) -> list[tuple[str, dict[str, float]]]:
+        """Named seed trials: each parent alone (where the method can express it), uniform, defaults."""
+        seeds: list[tuple[str, dict[str, float]]] = []
+        params = self.study.space.params
+        defaults = self.default_values()
+        if "parents" in self.study.seed_trials:
+            if "t" in params and len(self.model_refs) == 2:
+                for i, t in enumerate((0.0, 1.0)):
+                    seeds.append((f"parent:{self.model_refs[i]}", self.constant({**defaults, "t": t})))
+            elif "weight" in params and self.study.space.per_model:
+                for m in self.searched_models:
+                    base = {**defaults, "weight": 0.0, "density": 1.0}
+                    seeds.append((f"parent:{self.model_refs[m]}", self.constant(base, {m: {"weight": 1.0}})))
+        if "uniform" in self.study.seed_trials:
+            uniform = {**defaults, "weight": 1.0 if self._normalizes() else 1.0 / max(1, len(self.searched_models)),
+                       "t": 0.5}
+            seeds.append(("uniform", self.constant(uniform)))
+        if "defaults" in self.study.seed_trials:
+            seeds.append(("defaults", self.constant(defaults)))
+        unique, seen = [], set()
+        for label, genome in seeds:
+            key = tuple(sorted(genome.items()))
+            if key not in seen:
+                seen.add(key)
+                unique.append((label, genome))
+        return unique
+
+    def _normalizes(self) -> bool:
+        spec = self.method.params.get("normalize")
+        raw = (self.study.merge_raw.get("parameters") or {}).get("normalize")
+        return bool(raw if raw is not None else (spec.default if spec is not None else False))
+
+    def profile(self, genome: dict[str, float]) -> dict[str, list[float]]:
+        """Per-layer values of each (param, model, group) row, for plots and reports."""
+        rows: dict[str, list[float]] = {}
+        for g in self.genes:
+            key = ".".join(p for p in [g.param, f"m{g.model}" if g.model is not None else None, g.group] if p)
+            rows.setdefault(key, []).append(float(genome[g.name]))
+        return rows
