@@ -1,0 +1,121 @@
+"""The generalized task-arithmetic family: trim each task vector -> (sign consensus) -> weighted combine -> base + .
+
+task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, as mergekit
+0.1.5 declares them (same parameters, defaults, normalize/rescale choices). Pure functions of TensorInputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from merge_core.methods import sparsify
+from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+
+Trim = Callable[[TensorInputs, int, dict[str, Any], "torch.Generator | None"], "torch.Tensor | None"]
+
+
+def _magnitude(inputs, j, p, gen):
+    return sparsify.magnitude_mask(inputs, j, p["density"])
+
+
+def _outliers(inputs, j, p, gen):
+    return sparsify.outlier_mask(inputs, j, p["density"], p["gamma"])
+
+
+def _bernoulli(inputs, j, p, gen):
+    return sparsify.bernoulli_mask(inputs, j, p["density"], gen)
+
+
+def _della(inputs, j, p, gen):
+    return sparsify.della_mask(inputs, j, p["density"], p["epsilon"], gen)
+
+
+def trimmed(inputs: TensorInputs, j: int, mask: torch.Tensor | None, rescale: bool, out: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, float]:
+    """delta_j * mask (a fresh tensor, or `out`) and its L1 rescale factor (1 when not rescaling)."""
+    delta = inputs.deltas[j]
+    if mask is None:
+        return (delta if out is None else out.copy_(delta)), 1.0
+    kept = torch.mul(delta, mask, out=out) if out is not None else delta * mask
+    return kept, (sparsify.l1_rescale(inputs, j, kept) if rescale else 1.0)
+
+
+def combine(inputs: TensorInputs, params: dict[str, Any], model_params: list[dict[str, Any]],
+            generator: torch.Generator | None, trim: Trim | None, consensus: bool) -> torch.Tensor:
+    """base + lambda * sum_i w_i trim(delta_i) [agreeing with the elected sign] / (sum of those w_i, if normalize).
+
+    The elected sign is that of sum_i w_i trim(delta_i), with 0 counted positive; an element agrees when its
+    weighted value has that sign (zeros never agree). Without consensus the divisor is sum_i w_i (1 when ~0).
+    """
+    base = inputs.base
+    deltas = inputs.deltas
+    if not deltas:
+        return base.clone()
+    others = [model_params[i] for i in inputs.delta_indices]
+    weights = [p["weight"] for p in others]
+    lam = params["lambda"]
+    masks = [trim(inputs, j, p, generator) if trim else None for j, p in enumerate(others)]
+    if not consensus:
+        total = sum(weights)
+        scale = lam / (total if params["normalize"] and abs(total) >= 1e-8 else 1.0)
+        out = base.clone()
+        for j, (w, mask) in enumerate(zip(weights, masks)):
+            if mask is not None and not params["rescale"]:
+                out.addcmul_(deltas[j], mask, value=w * scale)   # fused trim + accumulate
+            else:
+                kept, factor = trimmed(inputs, j, mask, params["rescale"])
+                out.add_(kept, alpha=w * factor * scale)
+        return out
+
+    stacked = torch.empty((len(deltas), *base.shape), dtype=base.dtype, device=base.device)
+    for j, (w, mask) in enumerate(zip(weights, masks)):
+        row, factor = trimmed(inputs, j, mask, params["rescale"], out=stacked[j])
+        row.mul_(w * factor)
+    positive = stacked.sum(dim=0) >= 0
+    agree = torch.where(positive, stacked > 0, stacked < 0)
+    mixed = stacked.mul_(agree).sum(dim=0)
+    if params["normalize"]:
+        w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+        divisor = (agree * w).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return mixed.add_(base)
+
+
+SHARED_BOOLS = ("int8_mask", "normalize", "rescale")   # int8_mask only picks mergekit's mask dtype: no effect
+
+
+def _declare(name: str, trim: Trim | None, consensus: bool, normalize: bool, rescale: bool,
+             extra: dict[str, Param] | None = None) -> MergeMethod:
+    def merge(inputs, params, model_params, generator):
+        return combine(inputs, params, model_params, generator, trim, consensus)
+
+    merge.__name__ = f"merge_{name}"
+    return register(MergeMethod(
+        name=name,
+        merge=merge,
+        params={"int8_mask": Param(False, bool), "normalize": Param(normalize, bool),
+                "rescale": Param(rescale, bool), "lambda": Param(1.0, float)},
+        model_params={"weight": Param(None, float, required=True), "density": Param(1.0, float, 0.0, 1.0),
+                      **(extra or {})},
+        requires_base=True,
+        delta_based=True,
+        random=trim in (_bernoulli, _della),
+    ))
+
+
+GAMMA = {"gamma": Param(0.01, float, 0.0, 1.0)}
+EPSILON = {"epsilon": Param(0.15, float, 0.0, 1.0)}
+
+_declare("task_arithmetic", None, consensus=False, normalize=False, rescale=False)
+_declare("ties", _magnitude, consensus=True, normalize=True, rescale=False)
+_declare("dare_ties", _bernoulli, consensus=True, normalize=False, rescale=True)
+_declare("dare_linear", _bernoulli, consensus=False, normalize=False, rescale=True)
+_declare("breadcrumbs", _outliers, consensus=False, normalize=False, rescale=False, extra=GAMMA)
+_declare("breadcrumbs_ties", _outliers, consensus=True, normalize=False, rescale=False, extra=GAMMA)
+_declare("della", _della, consensus=True, normalize=True, rescale=True, extra=EPSILON)
+_declare("della_linear", _della, consensus=False, normalize=False, rescale=True, extra=EPSILON)
