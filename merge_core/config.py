@@ -307,23 +307,25 @@ def _check_inputs(method: MergeMethod, refs: list[str], base: str | None, where:
         raise _fail(f"merge method {method.name} needs a base_model", where, base_field)
     count = len(refs)
     if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        raise _fail(_count_message(method.name, "models (the base included)", count, method.min_models,
-                                   method.max_models), where, field_path)
+        raise _fail(_count_message(method.name, count, method.min_models, method.max_models, False),
+                    where, field_path)
     if method.uses_base:
         non_base = count - int(has_base)
         if non_base < method.min_non_base or (method.max_non_base is not None and non_base > method.max_non_base):
-            raise _fail(_count_message(method.name, "models besides the base", non_base, method.min_non_base,
-                                       method.max_non_base), where, field_path)
+            raise _fail(_count_message(method.name, non_base, method.min_non_base, method.max_non_base, True),
+                        where, field_path)
 
 
-def _count_message(name: str, what: str, count: int, low: int, high: int | None) -> str:
+def _count_message(name: str, count: int, low: int, high: int | None, besides_base: bool) -> str:
     if high is None:
         want = f"at least {low}"
     elif high == low:
         want = f"exactly {low}"
     else:
         want = f"{low} to {high}"
-    return f"merge method {name} needs {want} {what}, got {count}"
+    noun = "model" if high == 1 or (high is None and low == 1) else "models"
+    which = "besides the base" if besides_base else "(counting the base model)"
+    return f"merge method {name} takes {want} {noun} {which}, got {count}"
 
 
 def parse_config(data: dict, where: str = "config", base_dir: Path | None = None) -> MergeConfig:
@@ -343,8 +345,7 @@ def parse_config(data: dict, where: str = "config", base_dir: Path | None = None
     base = _model_ref(data["base_model"], where, "base_model") if data.get("base_model") is not None else None
     models_raw, slices_raw = data.get("models"), data.get("slices")
     if bool(models_raw) == bool(slices_raw):
-        raise _fail("give exactly one of `models:` or `slices:` (non-empty)", where,
-                    "models" if models_raw else "(top level)")
+        raise _fail("give exactly one of `models:` or `slices:` (non-empty)", where, "(top level)")
 
     models: list[InputModel] = []
     if models_raw:
