@@ -14,7 +14,7 @@ import torch
 
 from merge_core.config import parse_config
 from merge_core.methods import REGISTRY, TensorInputs, get_method
-from merge_core.methods.sparsify import keep_ranks, sorted_desc
+from merge_core.methods.sparsify import keep_ranks, sorted_values
 from merge_core.plan import merge_one, plan_merge
 from tests.mergekit_oracle import _cached_folder, max_abs_diff, run_mergekit, run_ours
 
@@ -331,14 +331,29 @@ def test_cached_statistics_do_not_leak_between_trials(method, zoo):
 @pytest.mark.parametrize("start,stop", [(0, 3), (0, 4), (2, 6), (1, 9), (0, 10), (5, 5), (3, 12), (6, 8)])
 def test_keep_ranks_keeps_exactly_the_ranks_even_through_ties(start, stop):
     values = torch.tensor([0.5, 0.2, 0.2, 0.9, 0.2, 0.1, 0.7, 0.2, 0.3, 0.5])   # runs of 0.5 and of 0.2
-    ordered = sorted_desc(values)
-    mask = keep_ranks(values, ordered, start, stop)
+    mask = keep_ranks(values, sorted_values(values), start, stop)
     kept = values if mask is None else values[mask]
-    assert sorted(kept.tolist()) == sorted(ordered[start:stop].tolist())
+    expected = sorted(values.tolist(), reverse=True)[start:stop]
+    assert sorted(kept.tolist()) == sorted(expected)
 
 
 def test_keep_ranks_leaves_zero_runs_whole_which_changes_nothing():
     values = torch.tensor([0.3, 0.0, 0.0, 0.0, 0.1])
-    mask = keep_ranks(values, sorted_desc(values), 0, 3)   # k = 3 ends inside the zeros
+    mask = keep_ranks(values, sorted_values(values), 0, 3)   # k = 3 ends inside the zeros
     assert bool(mask[0]) and bool(mask[4])
     assert float((values * mask).abs().sum()) == pytest.approx(0.4)
+
+
+def test_keep_ranks_on_heavily_tied_values_keeps_exactly_k():
+    """bf16-like data: few distinct magnitudes. Every k keeps exactly the top-k multiset (zeros aside)."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 40, (3000,), generator=gen).float() / 8
+    ordered = sorted_values(values)
+    top = sorted(values.tolist(), reverse=True)
+    for k in [1, 7, 150, 1499, 2000, 2925]:
+        mask = keep_ranks(values, ordered, 0, k)
+        if top[k - 1] != 0:
+            assert int(mask.sum()) == k
+            assert sorted(values[mask].tolist(), reverse=True) == top[:k]
+    mask = keep_ranks(values, ordered, 100, 1100)   # breadcrumbs: both ends inside runs
+    assert int(mask.sum()) == 1000 and sorted(values[mask].tolist(), reverse=True) == top[100:1100]

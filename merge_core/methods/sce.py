@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
-from merge_core.methods.sparsify import keep_ranks, sorted_desc
+from merge_core.methods.sparsify import keep_ranks, sorted_values
 
 
 def _variance(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
     var = torch.var(torch.stack(inputs.deltas), dim=0, unbiased=False)
-    return var, sorted_desc(var), int(torch.count_nonzero(var))
+    return var, sorted_values(var), int(torch.count_nonzero(var))
 
 
 def merge_sce(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None) -> torch.Tensor:

@@ -14,19 +14,20 @@ from merge_core.methods.base import TensorInputs
 RESCALE_EPS = 1e-7  # mergekit skips the L1 rescale when either norm is below this
 
 
-def sorted_desc(values: torch.Tensor) -> torch.Tensor:
-    """The flattened values, largest first (the trial-independent order statistics of a trim)."""
-    return values.reshape(-1).sort(descending=True).values
+def sorted_values(values: torch.Tensor) -> torch.Tensor:
+    """The flattened values in ascending order: the trial-independent order statistics of a trim."""
+    return values.reshape(-1).sort().values
 
 
 def keep_ranks(values: torch.Tensor, ordered: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
     """Boolean mask of the elements whose rank in `values` (0 = largest) lies in [start, stop); None = all.
 
-    `ordered` is `sorted_desc(values)`. The mask is one or two comparisons against order statistics read by
-    index. Where a boundary cuts through a run of equal non-zero values, the earliest elements in flattened
-    order take the better ranks, so exactly stop - start elements are kept (mergekit's unstable sort picks some
-    such subset; which one is unspecified). Runs of zeros are left whole: a kept zero adds nothing to a
-    merge, to a sign election or to an L1 norm, so the result is the same either way.
+    `ordered` is `sorted_values(values)`. The mask is one or two comparisons against order statistics read by
+    index. Where a boundary cuts through a run of equal non-zero values (common in large float32 tensors,
+    the rule in bf16), the earliest elements in flattened order take the better ranks, so exactly
+    stop - start elements are kept; mergekit's unstable sort keeps some such subset, which one is unspecified.
+    Runs of zeros are left whole: a kept zero adds nothing to a merge, to a sign election or to an L1 norm,
+    so the result is the same either way.
     """
     n = ordered.numel()
     start, stop = max(0, start), min(n, stop)
@@ -34,33 +35,31 @@ def keep_ranks(values: torch.Tensor, ordered: torch.Tensor, start: int, stop: in
         return None
     if stop <= start:
         return torch.zeros_like(values, dtype=torch.bool)
-    mask = None
-    boundary_values = []
+    mask, runs = None, []
     if stop < n:
-        low = ordered[stop - 1]
+        low = ordered[n - stop]                     # the smallest kept value
         mask = values >= low
-        if ordered[stop] == low:
-            boundary_values.append(low)
+        if ordered[n - stop - 1] == low:
+            runs.append(low)
     if start > 0:
-        high = ordered[start]
-        upper = values <= high
-        mask = upper if mask is None else mask.logical_and_(upper)
-        if ordered[start - 1] == high:
-            boundary_values.append(high)
-    for value in boundary_values:
+        high = ordered[n - 1 - start]               # the largest kept value
+        mask = values <= high if mask is None else mask.logical_and_(values <= high)
+        if ordered[n - start] == high and not (runs and runs[0] == high):
+            runs.append(high)
+    for value in runs:
         if value != 0:
-            mask = _split_run(values, ordered, value, start, stop, mask)
+            _split_run(values, ordered, value, start, stop, mask)
     return mask
 
 
 def _split_run(values: torch.Tensor, ordered: torch.Tensor, value: torch.Tensor, start: int, stop: int,
-               mask: torch.Tensor) -> torch.Tensor:
-    """Within the run of elements equal to `value`, keep those whose rank (flattened order) is in [start, stop)."""
-    first = int((ordered > value).sum())
-    equal = values == value
-    rank = first - 1 + equal.reshape(-1).cumsum(0).reshape(values.shape)
-    keep = equal & (rank >= start) & (rank < stop)
-    return (mask & ~equal) | keep
+               mask: torch.Tensor) -> None:
+    """Within the run of elements equal to `value`, keep (in `mask`, in place) those ranked in [start, stop)."""
+    n = ordered.numel()
+    first = n - int(torch.searchsorted(ordered, value, right=True))     # how many are larger
+    where = (values.reshape(-1) == value).nonzero().squeeze(1)          # the run, in flattened order
+    rank = torch.arange(first, first + where.numel(), device=where.device)
+    mask.view(-1)[where] = (rank >= start) & (rank < stop)
 
 
 def magnitude_mask(inputs: TensorInputs, j: int, density: float) -> torch.Tensor | None:
@@ -89,7 +88,7 @@ def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> 
 
 
 def _abs_order(inputs: TensorInputs, j: int) -> torch.Tensor:
-    return inputs.cached(f"abs_desc/{j}", lambda: sorted_desc(inputs.deltas[j].abs()))
+    return inputs.cached(f"abs_sorted/{j}", lambda: sorted_values(inputs.deltas[j].abs()))
 
 
 def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torch.Generator | None

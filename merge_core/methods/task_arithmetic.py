@@ -69,20 +69,41 @@ def combine(inputs: TensorInputs, params: dict[str, Any], model_params: list[dic
                 out.add_(kept, alpha=w * factor * scale)
         return out
 
-    stacked = torch.empty((len(deltas), *base.shape), dtype=base.dtype, device=base.device)
+    return _elect_and_combine(inputs, weights, masks, params)
+
+
+def _elect_and_combine(inputs: TensorInputs, weights: list[float], masks: list[torch.Tensor | None],
+                       params: dict[str, Any]) -> torch.Tensor:
+    """TIES sign election with float accumulators instead of per-model boolean masks (much faster on CPU).
+
+    With S_j = w_j * kept_j, the elected sign s = sign(sum_j S_j) (0 -> +) and g_j = sign(kept_j):
+        sum_j S_j [sign S_j = s]  =  (sum_j S_j + s * sum_j |S_j|) / 2
+        sum_j w_j [sign S_j = s]  =  (sum_j w_j g_j^2 + s * sum_j |w_j| g_j) / 2
+    """
+    base = inputs.base
+    total, size = torch.zeros_like(base), torch.zeros_like(base)
+    normalize = params["normalize"]
+    if normalize:
+        count, lean = torch.zeros_like(base), torch.zeros_like(base)
     for j, (w, mask) in enumerate(zip(weights, masks)):
-        row, factor = trimmed(inputs, j, mask, params["rescale"], out=stacked[j])
-        row.mul_(w * factor)
-    positive = stacked.sum(dim=0) >= 0
-    agree = torch.where(positive, stacked > 0, stacked < 0)
-    mixed = stacked.mul_(agree).sum(dim=0)
-    if params["normalize"]:
-        w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
-        divisor = (agree * w).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
+        kept, factor = trimmed(inputs, j, mask, params["rescale"])
+        c = w * factor
+        total.add_(kept, alpha=c)
+        g = torch.sign(kept)
+        size.addcmul_(kept, g, value=abs(c))
+        if normalize:
+            lean.add_(g, alpha=abs(w))
+            count.addcmul_(g, g, value=w)
+    s = torch.ones_like(total).copysign_(total)   # -0.0 only when every S_j is 0: then all terms vanish
+    mixed = size.mul_(s).add_(total)
+    if normalize:
+        divisor = lean.mul_(s).add_(count)
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))   # the halves cancel
+    else:
+        mixed.mul_(0.5)
+    lam = params["lambda"]
     if lam != 1:
-        mixed *= lam
+        mixed.mul_(lam)
     return mixed.add_(base)
 
 
