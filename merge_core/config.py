@@ -330,7 +330,7 @@ def _count_message(name: str, count: int, low: int, high: int | None, besides_ba
 
 def parse_config(data: dict, where: str = "config", base_dir: Path | None = None) -> MergeConfig:
     """Validate a mergekit config (a dict, as from YAML) into a MergeConfig; errors name the field at fault."""
-    data = _mapping(data, where, "(top level)") if not isinstance(data, dict) else data
+    data = _mapping(data, where, "(top level)")
     _check_keys(data, TOP_KEYS, where, "")
     if data.get("modules") is not None:
         raise _fail("`modules:` (multi-module models) is not supported; use models: or slices:", where, "modules")

@@ -24,9 +24,9 @@ def interpolate(values: tuple[Scalar, ...], t: float) -> Scalar:
     """
     scaled = t * (len(values) - 1)
     i0 = int(scaled)
-    if not all(_is_number(v) for v in values):
-        return values[i0]
     i1 = min(len(values) - 1, i0 + 1)
+    if not (_is_number(values[i0]) and _is_number(values[i1])):   # parsed gradients hold one type
+        return values[i0]
     frac = scaled - i0
     return (1 - frac) * values[i0] + frac * values[i1]
 

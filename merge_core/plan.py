@@ -71,7 +71,7 @@ class _Layout:
 
 def _is_pre_layer(name: str) -> bool:
     """Embeddings come before the layers; every other non-layer tensor (final norm, head) after them."""
-    return "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"])
+    return "embed" in name or "wte" in name or "wpe" in name
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,9 @@ CASES = {
         "merge_method": "linear", "parameters": {"normalize": False},
         "models": [m(z, "ft_add", weight=[{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.3},
                                           {"value": 0.7}]), m(z, "ft_reverse", weight=1.0)]},
+    "linear-bf16-to-f32": lambda z: {
+        "merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
+        "models": [m(z, "ft_add", weight=1.0), m(z, "ft_reverse", weight=[0.3, 0.6])]},
     "linear-tied": lambda z: {
         "merge_method": "linear", "models": [m(z, "tied_base", weight=1.0), m(z, "tied_ft", weight=0.3)]},
     "slerp-filters": lambda z: {
@@ -324,6 +327,10 @@ def test_cached_statistics_do_not_leak_between_trials(method, zoo):
                           cfg_b, spec, seed=1)
         assert torch.allclose(again, fresh, rtol=0, atol=1e-6), task.out_name
         assert all(torch.equal(t, o) for t, o in zip(tensors, originals)), task.out_name
+        if task.base_index is not None:
+            base = originals[task.base_index]
+            expected = [o - base for i, o in enumerate(originals) if i != task.base_index]
+            assert all(torch.equal(d, e) for d, e in zip(resident.deltas, expected)), task.out_name
 
 
 # ---- the top-k mask ------------------------------------------------------------------------------------------

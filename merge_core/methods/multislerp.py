@@ -104,8 +104,10 @@ def merge_karcher(inputs: TensorInputs, params: dict, model_params: list[dict], 
     max_iter, tol = params["max_iter"], params["tol"]
     if len(inputs.models) == 1:
         return inputs.tensors[0].clone()
-    mean = inputs.cached(f"karcher/{max_iter}/{tol}", lambda: karcher_mean(inputs.tensors, max_iter, tol))
-    return mean.clone()
+    slot = inputs.cached("karcher", dict)          # one cached mean: the last (max_iter, tol) asked for
+    if slot.get("key") != (max_iter, tol):
+        slot.update(key=(max_iter, tol), mean=karcher_mean(inputs.tensors, max_iter, tol))
+    return slot["mean"].clone()
 
 
 register(MergeMethod(

@@ -32,13 +32,12 @@ def _della(inputs, j, p, gen):
     return sparsify.della_mask(inputs, j, p["density"], p["epsilon"], gen)
 
 
-def trimmed(inputs: TensorInputs, j: int, mask: torch.Tensor | None, rescale: bool, out: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, float]:
-    """delta_j * mask (a fresh tensor, or `out`) and its L1 rescale factor (1 when not rescaling)."""
+def trimmed(inputs: TensorInputs, j: int, mask: torch.Tensor | None, rescale: bool) -> tuple[torch.Tensor, float]:
+    """delta_j * mask (the delta itself when mask is None: read only) and its L1 rescale factor (1 if not rescaling)."""
     delta = inputs.deltas[j]
     if mask is None:
-        return (delta if out is None else out.copy_(delta)), 1.0
-    kept = torch.mul(delta, mask, out=out) if out is not None else delta * mask
+        return delta, 1.0
+    kept = delta * mask
     return kept, (sparsify.l1_rescale(inputs, j, kept) if rescale else 1.0)
 
 
@@ -107,9 +106,6 @@ def _elect_and_combine(inputs: TensorInputs, weights: list[float], masks: list[t
     return mixed.add_(base)
 
 
-SHARED_BOOLS = ("int8_mask", "normalize", "rescale")   # int8_mask only picks mergekit's mask dtype: no effect
-
-
 def _declare(name: str, trim: Trim | None, consensus: bool, normalize: bool, rescale: bool,
              extra: dict[str, Param] | None = None) -> MergeMethod:
     def merge(inputs, params, model_params, generator):
@@ -119,7 +115,8 @@ def _declare(name: str, trim: Trim | None, consensus: bool, normalize: bool, res
     return register(MergeMethod(
         name=name,
         merge=merge,
-        params={"int8_mask": Param(False, bool), "normalize": Param(normalize, bool),
+        params={"int8_mask": Param(False, bool),   # only picks mergekit's mask dtype: no effect on values
+                "normalize": Param(normalize, bool),
                 "rescale": Param(rescale, bool), "lambda": Param(1.0, float)},
         model_params={"weight": Param(None, float, required=True), "density": Param(1.0, float, 0.0, 1.0),
                       **(extra or {})},
