@@ -20,7 +20,7 @@ def fusion_mask(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     importance = (x - base).abs() * kl
     ordered = importance.reshape(-1).sort().values
-    positions = (torch.tensor(QUANTILES) * (ordered.numel() - 1)).long()
+    positions = (torch.tensor(QUANTILES) * (ordered.numel() - 1)).long().to(ordered.device)
     q1, median, q3 = ordered[positions]
     return importance >= median + 1.5 * (q3 - q1)
 
