@@ -142,10 +142,22 @@ class MergeMethod:
     params: dict[str, Param] = field(default_factory=dict)          # method-level (t, normalize, lambda, ...)
     model_params: dict[str, Param] = field(default_factory=dict)    # per model (weight, density, ...)
     requires_base: bool = False
+    optional_base: bool = False  # uses the base when one is given (nuslerp, multislerp)
     min_models: int = 1          # counting the base model
     max_models: int | None = None
+    min_non_base: int = 0        # models other than the base (only for methods that use a base)
+    max_non_base: int | None = None
     delta_based: bool = False    # needs only base + deltas resident (TensorInputs.drop_raw is safe)
     random: bool = False         # draws from the generator
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the base model is special to this method; if not, it is merged like any other input.
+
+        As in mergekit, per-model parameters of a base-using method apply to the non-base models only;
+        those of a base-ignoring method (linear, karcher, passthrough) apply to every input.
+        """
+        return self.requires_base or self.optional_base
 
 
 REGISTRY: dict[str, MergeMethod] = {}
