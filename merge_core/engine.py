@@ -68,9 +68,25 @@ def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], pl
     layers = {int(m.group(1)) for t in plan if (m := _layer_of(t.out_name))}
     if layers:
         out["num_hidden_layers"] = max(layers) + 1
+    if out.get("tie_word_embeddings") and any(t.out_name == "lm_head.weight" for t in plan):
+        out["tie_word_embeddings"] = False   # a tied base merged with untied models gets its own head
     out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
     out["dtype"] = out["torch_dtype"]
     return out
+
+
+def compute_dtype(config: MergeConfig, sources: dict[str, ModelSource]) -> torch.dtype:
+    """The config's dtype, else (as mergekit) the promoted stored dtype of the sources' float tensors."""
+    return torch_dtype(config.dtype, "dtype") or stored_float_dtype(sources.values())
+
+
+def stored_float_dtype(sources) -> torch.dtype:
+    """The promoted dtype of the float tensors stored in `sources` (float32 when there are none)."""
+    found = {m.dtype for s in sources for m in s.meta.values() if m.dtype.is_floating_point}
+    dtype = found.pop() if found else torch.float32
+    for other in found:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
 
 
 def _layer_of(name: str):
@@ -113,7 +129,7 @@ class MergeEngine:
         self.method = get_method(config.merge_method)
         self.sources = open_sources(config, allow_pickle)
         self.plan = plan_for(config, self.sources)
-        self.compute_dtype = torch_dtype(config.dtype, "dtype") or torch.float32
+        self.compute_dtype = compute_dtype(config, self.sources)
         self.out_dtype = torch_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
         self._structure = structure_of(config)
         t0 = time.perf_counter()
@@ -255,7 +271,7 @@ class SoupEngine:
             raise MergeConfigError("no checkpoints to soup", "checkpoints")
         check_compatible({s.ref: s for s in self.sources})
         first = self.sources[0]
-        self.out_dtype = torch_dtype(dtype, "dtype") or _stored_dtype(first)
+        self.out_dtype = torch_dtype(dtype, "dtype") or stored_float_dtype(self.sources)
         self.names = [n for n in first.tensor_names if not (n == "lm_head.weight" and first.tied_embeddings)]
         self.model = self._build_model(first)
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -326,7 +342,3 @@ class SoupEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(self.sources[0].path, trust_remote_code=False)
         return self._tokenizer
 
-
-def _stored_dtype(source: ModelSource) -> torch.dtype:
-    dtypes = {m.dtype for m in source.meta.values() if m.dtype.is_floating_point}
-    return torch.float32 if len(dtypes) != 1 else dtypes.pop()

@@ -15,6 +15,7 @@ import torch
 
 from merge_core.config import MergeConfig, Parameters
 from merge_core.errors import MergeConfigError
+from merge_core.sources import torch_dtype
 from merge_core.methods.base import MergeMethod, TensorInputs, get_method
 from merge_core.params import resolve_params
 
@@ -284,12 +285,6 @@ def merge_one(task: TensorTask, inputs: TensorInputs, cfg: MergeConfig, method: 
     return method.merge(inputs, params, model_params, generator)
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-
-
-def torch_dtype(name: str | None) -> torch.dtype | None:
-    """A config dtype name (with or without 'torch.') as a torch dtype; None stays None."""
-    return None if name is None else DTYPES[name.removeprefix("torch.")]
 
 
 def merge_state_dict(cfg: MergeConfig, read_tensor: Callable[[str, str], torch.Tensor],

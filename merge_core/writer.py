@@ -236,13 +236,14 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
                     force: bool = False, card_extra: str = "",
                     progress: Callable[[int, int], None] | None = None) -> Path:
     """Merge `config` from disk to `out_dir`, streaming (the `mergesearch merge` path)."""
-    from merge_core.engine import open_sources, output_model_config, pick_device, plan_for, tokenizer_source_path
+    from merge_core.engine import (compute_dtype, open_sources, output_model_config, pick_device, plan_for,
+                                   tokenizer_source_path)
     from merge_core.sources import torch_dtype
 
     dev = pick_device(device)
     sources = open_sources(config, allow_pickle)
     plan = plan_for(config, sources)
-    compute = torch_dtype(config.dtype, "dtype") or torch.float32
+    compute = compute_dtype(config, sources)
     out_dtype = torch_dtype(config.out_dtype, "out_dtype") or compute
     specs = [TensorSpec(t.out_name, sources[t.sources[0][0]].meta[t.sources[0][1]].shape, out_dtype) for t in plan]
 

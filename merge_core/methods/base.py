@@ -112,6 +112,8 @@ def _move(value: Any, device: torch.device | str, non_blocking: bool = False) ->
         return value.to(device, non_blocking=non_blocking)
     if isinstance(value, (list, tuple)):
         return type(value)(_move(v, device, non_blocking) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device, non_blocking) for k, v in value.items()}
     return value
 
 
