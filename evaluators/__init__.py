@@ -13,4 +13,8 @@ class EvalError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-__all__ = ["EvalError"]
+class NonFiniteError(EvalError):
+    """The model produced NaN/inf log-likelihoods (a broken merge): the trial has no valid score."""
+
+
+__all__ = ["EvalError", "NonFiniteError"]
