@@ -120,9 +120,8 @@ class LmEvalTask:
         from lm_eval import evaluator
 
         samples: dict[str, list[int]] = {}
-        for position in which:
-            task_name, index = self.docs[position]
-            samples.setdefault(task_name, []).append(index)
+        for task_name, index in sorted({self.docs[p] for p in which}):
+            samples.setdefault(task_name, []).append(index)  # sorted: lm-eval 0.4 mislabels doc_ids otherwise
         task_dict = {**self.task_dict, "tasks": {t: self.tasks[t] for t in samples}}
         for task in task_dict["tasks"].values():
             task.set_fewshot_seed(FEWSHOT_SEED)  # the same few-shot examples per doc in every call

@@ -70,6 +70,8 @@ def test_content_ids_survive_reordering(zoo, tmp_path):
     score_a = dict(zip(a.ids, (s["perplexity"] for s in a.score(model, range(len(rows)))), strict=True))
     score_b = dict(zip(b.ids, (s["perplexity"] for s in b.score(model, range(len(rows)))), strict=True))
     assert score_a == pytest.approx(score_b, abs=1e-5)
+    unsorted = [9, 2, 7, 0]  # lm-eval 0.4 mislabels doc_ids when `samples` is not sorted: the bridge sorts
+    assert [s["perplexity"] for s in a.score(model, unsorted)] == pytest.approx([score_a[a.ids[i]] for i in unsorted])
 
 
 def test_in_place_weight_changes_are_seen(zoo, tmp_path):
