@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
@@ -115,9 +115,17 @@ def _check_finite(values: torch.Tensor, task: str) -> None:
                              "activations)", task)
 
 
-def _batches(order: Sequence[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(order), size):
-        yield list(order[start:start + size])
+def _batches(order: Sequence[T], size: int, length: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive batches of at most `size` from `order` (sorted longest first); a batch also ends where a
+    row is under half the batch's first length, so padding never more than doubles the work."""
+    batch: list[T] = []
+    for entry in order:
+        if batch and (len(batch) == size or 2 * length(entry) < length(batch[0])):
+            yield batch
+            batch = []
+        batch.append(entry)
+    if batch:
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -186,6 +194,7 @@ class MultipleChoiceScorer:
         encoder = LmEvalEncoder(tokenizer)
         self.pad_id = _pad_id(tokenizer)
         self.items = [self._encode(encoder, item) for item in items]
+        self._fit_cache: dict[tuple[int, int], list[tuple[_Packed, tuple[int, ...]]]] = {}
 
     def _encode(self, encoder: LmEvalEncoder, item: MultipleChoiceItem) -> _Choices:
         pairs = [encoder.encode_pair(item.query, choice) for choice in item.choices]
@@ -199,18 +208,23 @@ class MultipleChoiceScorer:
     def loglikelihoods(self, model, which: Sequence[int]) -> list[list[float]]:
         """Summed continuation log-probabilities, one list (per choice) for each item index in `which`."""
         limit = max_length(model)
-        rows = [(i, pack, choices) for i in which for pack, choices in _fitted(self.items[i], limit, self.name)]
+        rows = [(i, pack, choices) for i in which for pack, choices in self._fitted(i, limit)]
         rows.sort(key=lambda row: -len(row[1].tokens))
         out = {i: [0.0] * len(self.items[i].continuations) for i in which}
         with inference(model, self.autocast) as device:
             fwd = _Forward.of(model)
             dtype = next(model.parameters()).dtype
-            for batch in _batches(rows, self.batch_size):
+            for batch in _batches(rows, self.batch_size, lambda row: len(row[1].tokens)):
                 scored = self._score_batch(model, [pack for _, pack, _ in batch], device, dtype, fwd)
                 for (i, _, choices), lls in zip(batch, scored, strict=True):
                     for choice, value in zip(choices, lls, strict=True):
                         out[i][choice] = value
         return [out[i] for i in which]
+
+    def _fitted(self, i: int, limit: int) -> list[tuple[_Packed, tuple[int, ...]]]:
+        if (i, limit) not in self._fit_cache:
+            self._fit_cache[(i, limit)] = _fit(self.items[i], limit, self.name)
+        return self._fit_cache[(i, limit)]
 
     def _score_batch(self, model, packs: list[_Packed], device: torch.device, dtype: torch.dtype,
                      fwd: _Forward) -> list[list[float]]:
@@ -259,7 +273,7 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, like numpy
 
 
-def _fitted(item: _Choices, limit: int, task: str) -> list[tuple[_Packed, tuple[int, ...]]]:
+def _fit(item: _Choices, limit: int, task: str) -> list[tuple[_Packed, tuple[int, ...]]]:
     """(packed row, the choices it scores). lm-eval feeds at most `limit` tokens of context +
     continuation[:-1], cutting the oldest context tokens per choice; an item that does not fit becomes
     one row per choice, each cut as lm-eval cuts it."""
@@ -311,7 +325,7 @@ class GenerateScorer:
             raise EvalError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt", self.name)
         with inference(model, self.autocast) as device:
             fwd = _Forward.of(model)
-            for batch in _batches(order, self.batch_size):
+            for batch in _batches(order, self.batch_size, lambda i: len(self.prompts[i])):
                 prompts = [self.prompts[i][-room:] for i in batch]
                 texts = self._generate(model, prompts, [self.stops[i] for i in batch], eos, device, fwd)
                 out.update(zip(batch, texts, strict=True))
@@ -406,7 +420,7 @@ class PerplexityScorer:
         order = sorted(which, key=lambda i: -len(self.sequences[i]))
         out: dict[int, tuple[float, int]] = {}
         with inference(model, self.autocast) as device:
-            for batch in _batches(order, self.batch_size):
+            for batch in _batches(order, self.batch_size, lambda i: len(self.sequences[i])):
                 seqs = [self.sequences[i] for i in batch]
                 ids = _pad_right(seqs, self.pad_id, device)
                 valid = (torch.arange(1, ids.shape[1], device=device)[None, :]
