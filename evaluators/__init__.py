@@ -18,3 +18,8 @@ class NonFiniteError(EvalError):
 
 
 __all__ = ["EvalError", "NonFiniteError"]
+
+from evaluators.suite import Progress, Suite, SuiteResult, TaskResult  # noqa: E402  (after EvalError: they import it)
+from evaluators.tasks import EvaluationConfig, TaskSpec, parse_evaluation_block  # noqa: E402
+
+__all__ += ["EvaluationConfig", "Progress", "Suite", "SuiteResult", "TaskResult", "TaskSpec", "parse_evaluation_block"]
