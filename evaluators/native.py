@@ -69,14 +69,22 @@ def max_length(model, tokenizer=None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which dtype the model computes inside `inference`."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
 @contextmanager
-def inference(model, autocast: bool) -> Iterator[torch.device]:
-    """inference_mode (+ bf16 autocast on CUDA for float32 weights when `autocast`); yields the model's device."""
+def inference(model, autocast: bool) -> Iterator[Runtime]:
+    """inference_mode, plus bf16 autocast on CUDA for float32 weights when `autocast`."""
     param = next(model.parameters())
     use_autocast = autocast and param.device.type == "cuda" and param.dtype == torch.float32
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
     with torch.inference_mode(), amp:
-        yield param.device
+        yield Runtime(param.device, torch.bfloat16 if use_autocast else param.dtype)
 
 
 @dataclass(frozen=True)
@@ -86,11 +94,20 @@ class _Forward:
 
     cache_arg: str
     logits_to_keep: bool
+    position_ids: bool
+    attention: str
 
     @classmethod
     def of(cls, model) -> _Forward:
         params = inspect.signature(model.forward).parameters
-        return cls("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+        return cls("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params,
+                   "position_ids" in params, str(getattr(model.config, "_attn_implementation", None) or "eager"))
+
+    def check_packable(self, task: str) -> None:
+        """Packed multiple-choice rows need position_ids and a 4D attention mask (sdpa or eager attention)."""
+        if not self.position_ids or self.attention.startswith(("flash", "flex", "paged")):
+            raise EvalError(f"multiple-choice scoring needs a model that takes position_ids and a 4D attention "
+                            f"mask (attn_implementation sdpa or eager, not {self.attention})", task)
 
     def last_only(self) -> dict:
         return {"logits_to_keep": 1} if self.logits_to_keep else {}
@@ -135,10 +152,12 @@ class _Packed:
     and shared choice prefixes are computed once; each choice token is scored at the row that predicts it."""
 
     context_len: int
-    tokens: tuple[int, ...]
-    positions: tuple[int, ...]
-    trie_mask: torch.Tensor                      # [nodes, nodes] bool: node q sees node k
-    predict: tuple[tuple[int, int, int], ...]    # (row, target token, choice)
+    tokens: torch.Tensor          # [n] token ids: context, then trie nodes
+    positions: torch.Tensor       # [n] position ids: a node sits right after its parent
+    trie_mask: torch.Tensor       # [nodes, nodes] bool: node q sees node k
+    rows: torch.Tensor            # [m] the row whose logits predict each scored token ...
+    targets: torch.Tensor         # [m] ... that token ...
+    choices: torch.Tensor         # [m] ... and the choice it belongs to
     n_choices: int
 
     @classmethod
@@ -165,7 +184,9 @@ class _Packed:
             while at >= width:
                 trie_mask[row - width, at - width] = True
                 at = parent[at]
-        return cls(width, tuple(tokens), tuple(positions), trie_mask, tuple(predict), len(continuations))
+        rows, targets, choices = torch.tensor(predict, dtype=torch.long).unbind(dim=1)
+        return cls(width, torch.tensor(tokens), torch.tensor(positions), trie_mask, rows, targets, choices,
+                   len(continuations))
 
 
 @dataclass(frozen=True)
@@ -211,11 +232,11 @@ class MultipleChoiceScorer:
         rows = [(i, pack, choices) for i in which for pack, choices in self._fitted(i, limit)]
         rows.sort(key=lambda row: -len(row[1].tokens))
         out = {i: [0.0] * len(self.items[i].continuations) for i in which}
-        with inference(model, self.autocast) as device:
+        with inference(model, self.autocast) as run:
             fwd = _Forward.of(model)
-            dtype = next(model.parameters()).dtype
+            fwd.check_packable(self.name)
             for batch in _batches(rows, self.batch_size, lambda row: len(row[1].tokens)):
-                scored = self._score_batch(model, [pack for _, pack, _ in batch], device, dtype, fwd)
+                scored = self._score_batch(model, [pack for _, pack, _ in batch], run.device, run.dtype, fwd)
                 for (i, _, choices), lls in zip(batch, scored, strict=True):
                     for choice, value in zip(choices, lls, strict=True):
                         out[i][choice] = value
@@ -235,29 +256,28 @@ class MultipleChoiceScorer:
         causal = torch.ones(width, width, dtype=torch.bool).tril_()
         for b, p in enumerate(packs):
             n, ctx = len(p.tokens), p.context_len
-            input_ids[b, :n] = torch.tensor(p.tokens)
-            positions[b, :n] = torch.tensor(p.positions)
+            input_ids[b, :n] = p.tokens
+            positions[b, :n] = p.positions
             allowed[b, :n, :n] = causal[:n, :n]
             allowed[b, ctx:n, ctx:n] = p.trie_mask
         allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        rows = [(b, row, target, choice) for b, p in enumerate(packs) for row, target, choice in p.predict]
-        keep = sorted({row for _, row, _, _ in rows})
-        column = {row: k for k, row in enumerate(keep)}
-        extra = {"logits_to_keep": torch.tensor(keep, device=device)} if fwd.logits_to_keep else {}
+        offsets = torch.tensor([0, *(p.n_choices for p in packs)]).cumsum(dim=0)
+        batch = torch.cat([torch.full_like(p.rows, b) for b, p in enumerate(packs)]).to(device)
+        rows = torch.cat([p.rows for p in packs]).to(device)
+        targets = torch.cat([p.targets for p in packs]).to(device)
+        owner = torch.cat([p.choices + offsets[b] for b, p in enumerate(packs)]).to(device)
+        extra = {}
+        if fwd.logits_to_keep:  # the LM head runs only on rows that predict a scored token
+            keep = torch.unique(rows)
+            extra, rows = {"logits_to_keep": keep}, torch.searchsorted(keep, rows)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
                        position_ids=positions.to(device), **extra).logits
-        index = torch.tensor([(b, column[row] if extra else row, target) for b, row, target, _ in rows],
-                             device=device)
-        logprobs = F.log_softmax(logits.float(), dim=-1)[index[:, 0], index[:, 1], index[:, 2]]
-        offsets = [0]
-        for p in packs:
-            offsets.append(offsets[-1] + p.n_choices)
-        owner = torch.tensor([offsets[b] + choice for b, _, _, choice in rows], device=device)
-        totals = torch.zeros(offsets[-1], device=device).index_add_(0, owner, logprobs)
+        logprobs = F.log_softmax(logits[batch, rows].float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        totals = torch.zeros(int(offsets[-1]), device=device).index_add_(0, owner, logprobs)
         _check_finite(totals, self.name)
-        flat = totals.tolist()
-        return [flat[offsets[b]:offsets[b + 1]] for b in range(len(packs))]
+        flat, bounds = totals.tolist(), offsets.tolist()
+        return [flat[bounds[b]:bounds[b + 1]] for b in range(len(packs))]
 
     def score(self, model, which: Sequence[int]) -> list[dict[str, float]]:
         """Per item: acc (argmax of log-likelihoods is gold) and acc_norm (of log-likelihood per character)."""
@@ -323,11 +343,11 @@ class GenerateScorer:
         room = max_length(model, self.tokenizer) - self.max_new_tokens
         if room <= 0:
             raise EvalError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt", self.name)
-        with inference(model, self.autocast) as device:
+        with inference(model, self.autocast) as run:
             fwd = _Forward.of(model)
             for batch in _batches(order, self.batch_size, lambda i: len(self.prompts[i])):
                 prompts = [self.prompts[i][-room:] for i in batch]
-                texts = self._generate(model, prompts, [self.stops[i] for i in batch], eos, device, fwd)
+                texts = self._generate(model, prompts, [self.stops[i] for i in batch], eos, run.device, fwd)
                 out.update(zip(batch, texts, strict=True))
         return [out[i] for i in which]
 
@@ -419,7 +439,8 @@ class PerplexityScorer:
                                 self.name)
         order = sorted(which, key=lambda i: -len(self.sequences[i]))
         out: dict[int, tuple[float, int]] = {}
-        with inference(model, self.autocast) as device:
+        with inference(model, self.autocast) as run:
+            device = run.device
             for batch in _batches(order, self.batch_size, lambda i: len(self.sequences[i])):
                 seqs = [self.sequences[i] for i in batch]
                 ids = _pad_right(seqs, self.pad_id, device)
@@ -460,5 +481,5 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-__all__ = ["GenerateScorer", "LmEvalEncoder", "MultipleChoiceScorer", "PerplexityScorer", "Scorer",
+__all__ = ["GenerateScorer", "LmEvalEncoder", "MultipleChoiceScorer", "PerplexityScorer", "Runtime", "Scorer",
            "inference", "make_scorer", "max_length"]
