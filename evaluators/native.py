@@ -89,8 +89,9 @@ def inference(model, autocast: bool) -> Iterator[Runtime]:
 
 @dataclass(frozen=True)
 class _Forward:
-    """How this model's forward takes a KV cache (`cache` in transformers >= 5.2x, else `past_key_values`)
-    and whether it can skip the LM head on positions we do not score (`logits_to_keep`)."""
+    """What this model's forward takes: the KV cache argument (`cache` in recent transformers, else
+    `past_key_values`), `logits_to_keep` (skip the LM head where nothing is scored), `position_ids`, and
+    which attention implementation runs (custom 4D masks need sdpa or eager)."""
 
     cache_arg: str
     logits_to_keep: bool
@@ -211,7 +212,7 @@ class MultipleChoiceScorer:
 
     def __init__(self, items: Sequence[MultipleChoiceItem], tokenizer, *, name: str = "multiple_choice",
                  batch_size: int = 32, autocast: bool = True):
-        self.name, self.batch_size, self.autocast = name, batch_size, autocast
+        self.name, self.batch_size, self.autocast, self.tokenizer = name, batch_size, autocast, tokenizer
         encoder = LmEvalEncoder(tokenizer)
         self.pad_id = _pad_id(tokenizer)
         self.items = [self._encode(encoder, item) for item in items]
@@ -228,7 +229,7 @@ class MultipleChoiceScorer:
 
     def loglikelihoods(self, model, which: Sequence[int]) -> list[list[float]]:
         """Summed continuation log-probabilities, one list (per choice) for each item index in `which`."""
-        limit = max_length(model)
+        limit = max_length(model, self.tokenizer)
         rows = [(i, pack, choices) for i in which for pack, choices in self._fitted(i, limit)]
         rows.sort(key=lambda row: -len(row[1].tokens))
         out = {i: [0.0] * len(self.items[i].continuations) for i in which}
@@ -413,15 +414,17 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 class PerplexityScorer:
     """neg_nll: minus the mean token negative log-likelihood of each text (higher is better). The first
-    token is predicted from the BOS (else EOS) token, as in lm-eval's loglikelihood_rolling."""
+    token is predicted from the BOS (else EOS) token, as in lm-eval's loglikelihood_rolling; a text longer
+    than the model's context is an error (no rolling windows)."""
 
     metrics = ("neg_nll",)
 
     def __init__(self, items: Sequence[PerplexityItem], tokenizer, *, name: str = "perplexity",
                  batch_size: int = 32, autocast: bool = True):
-        self.name, self.batch_size, self.autocast = name, batch_size, autocast
+        self.name, self.batch_size, self.autocast, self.tokenizer = name, batch_size, autocast, tokenizer
         self.pad_id = _pad_id(tokenizer)
         encoder = LmEvalEncoder(tokenizer)
+        self.ids = [item.id for item in items]
         self.sequences = [self._with_prefix(encoder, item) for item in items]
 
     def _with_prefix(self, encoder: LmEvalEncoder, item: PerplexityItem) -> list[int]:
@@ -432,11 +435,11 @@ class PerplexityScorer:
 
     def nlls(self, model, which: Sequence[int]) -> list[tuple[float, int]]:
         """(summed token NLL, number of scored tokens) for each text in `which`."""
-        limit = max_length(model)
+        limit = max_length(model, self.tokenizer)
         for i in which:
             if len(self.sequences[i]) > limit:
-                raise EvalError(f"text {i} has {len(self.sequences[i])} tokens, more than the model's {limit}",
-                                self.name)
+                raise EvalError(f"text {self.ids[i]!r} has {len(self.sequences[i])} tokens, more than the model's "
+                                f"{limit}", self.name)
         order = sorted(which, key=lambda i: -len(self.sequences[i]))
         out: dict[int, tuple[float, int]] = {}
         with inference(model, self.autocast) as run:

@@ -97,7 +97,9 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
         raise EvalError("no .safetensors weights (pickle .bin checkpoints are refused)", str(folder))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     dtype = torch.float32 if device == "cpu" else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
