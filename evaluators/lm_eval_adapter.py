@@ -89,7 +89,7 @@ class LmEvalTask:
     """
 
     def __init__(self, spec: TaskSpec, loaded: dict, bridge: LmEvalBridge):
-        self.name, self.bridge, self.task_dict = spec.name, bridge, loaded
+        self.name, self.bridge = spec.name, bridge
         self.tasks: dict[str, Any] = dict(loaded["tasks"])
         for task in self.tasks.values():
             _set_fewshot(task, spec.num_fewshot)
@@ -122,7 +122,7 @@ class LmEvalTask:
         samples: dict[str, list[int]] = {}
         for task_name, index in sorted({self.docs[p] for p in which}):
             samples.setdefault(task_name, []).append(index)  # sorted: lm-eval 0.4 mislabels doc_ids otherwise
-        task_dict = {**self.task_dict, "tasks": {t: self.tasks[t] for t in samples}}
+        task_dict = {"tasks": {t: self.tasks[t] for t in samples}, "groups": {}, "group_map": {}}  # no group
         for task in task_dict["tasks"].values():
             task.set_fewshot_seed(FEWSHOT_SEED)  # the same few-shot examples per doc in every call
         with _progress_bars_hidden():

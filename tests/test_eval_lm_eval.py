@@ -101,6 +101,7 @@ def test_group_pools_its_leaf_tasks(zoo, tmp_path):
     assert len(task.ids) == 8 and task.ids[0].startswith("leaf_one/") and task.ids[-1].startswith("leaf_two/")
     values = task.score(model, [7, 0])
     assert len(values) == 2 and all(v["perplexity"] < 0 for v in values)
+    assert task.score(model, [7])[0]["perplexity"] == pytest.approx(values[0]["perplexity"])  # one leaf only
 
 
 def test_errors(zoo, tmp_path):
