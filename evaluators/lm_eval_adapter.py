@@ -36,9 +36,9 @@ class LmEvalBridge:
     calls, so weights written in place into the same model are seen by the next evaluation.
     """
 
-    def __init__(self, tokenizer, *, batch_size: int = 32, device: str | None = None, autocast: bool = True):
+    def __init__(self, tokenizer, *, batch_size: int = 32, autocast: bool = True):
         quiet_lm_eval()
-        self.tokenizer, self.batch_size, self.device, self.autocast = tokenizer, batch_size, device, autocast
+        self.tokenizer, self.batch_size, self.autocast = tokenizer, batch_size, autocast
         self._managers: dict[tuple[str | None, bool], Any] = {}
         self._lm = None
 
@@ -77,7 +77,7 @@ class LmEvalBridge:
             param = next(model.parameters())
             amp = "bfloat16" if self.autocast and param.device.type == "cuda" and param.dtype == torch.float32 else None
             self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                            device=self.device or str(param.device), mixed_precision_dtype=amp)
+                            device=str(param.device), mixed_precision_dtype=amp)
         return self._lm
 
 

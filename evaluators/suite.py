@@ -108,8 +108,10 @@ class _Task:
 class Suite:
     """Tasks loaded, validated and tokenized once; `evaluate(model)` scores the live model on a split.
 
-    Native tasks batch `batch_size` items per forward, lm-eval tasks `batch_size` requests. A model that
-    produces NaN/inf log-likelihoods raises NonFiniteError (an EvalError): such a trial has no valid score.
+    Native tasks batch `batch_size` items per forward, lm-eval tasks `batch_size` requests. `device`: where
+    the live model must be (None/"auto": wherever it is; it is never moved). `autocast`: bf16 autocast on
+    CUDA for float32 weights, native and lm-eval alike. A model that produces NaN/inf log-likelihoods raises
+    NonFiniteError (an EvalError): such a trial has no valid score.
     """
 
     def __init__(self, specs: Sequence[TaskSpec], tokenizer, *, holdout: float = 0.0, seed: int = 0,
@@ -143,8 +145,7 @@ class Suite:
             if self._bridge is None:
                 from evaluators.lm_eval_adapter import LmEvalBridge
 
-                self._bridge = LmEvalBridge(tokenizer, batch_size=batch_size, device=self.device,
-                                            autocast=autocast)
+                self._bridge = LmEvalBridge(tokenizer, batch_size=batch_size, autocast=autocast)
             scorer = self._bridge.load(spec)
             ids, metric = scorer.ids, scorer.metric
         else:
@@ -231,13 +232,14 @@ class Suite:
             raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
     def _check_device(self, model) -> None:
-        if self.device is None:
+        """Evaluators never move the live model: a suite built for one device refuses a model on another."""
+        if self.device in (None, "auto"):
             return
         import torch
 
         actual, wanted = next(model.parameters()).device, torch.device(self.device)
         if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
-            raise EvalError(f"the model is on {actual} but the suite was built for {self.device}")
+            raise EvalError(f"the model is on {actual} but the suite was built for {self.device}", "device")
 
 
 def _json_float(value: float) -> float | None:
