@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from evaluators import EvalError
-
-log = logging.getLogger(__name__)
 
 LOCAL_KINDS = ("multiple_choice", "generate", "perplexity")
 KINDS = (*LOCAL_KINDS, "lm_eval")

@@ -33,6 +33,7 @@ def eval_command(args: argparse.Namespace) -> int:
     setup_s = time.perf_counter() - started
     result = suite.evaluate(model, split=args.split)
     total_s = time.perf_counter() - started
+    log.info("evaluated %s on %d items in %.2fs (setup %.2fs)", args.target, suite.size(args.split), total_s, setup_s)
     _print_table(result, title=f"{args.target} ({args.split} split, {device})")
     if args.out:
         report = {"target": str(args.target), "device": device, "split": args.split, "setup_seconds": round(setup_s, 3),
