@@ -13,4 +13,13 @@ class EvalError(ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-__all__ = ["EvalError"]
+class NonFiniteError(EvalError):
+    """The model produced NaN/inf log-likelihoods (a broken merge): the trial has no valid score."""
+
+
+__all__ = ["EvalError", "NonFiniteError"]
+
+from evaluators.suite import Progress, Suite, SuiteResult, TaskResult  # noqa: E402  (after EvalError: they import it)
+from evaluators.tasks import EvaluationConfig, TaskSpec, parse_evaluation_block  # noqa: E402
+
+__all__ += ["EvaluationConfig", "Progress", "Suite", "SuiteResult", "TaskResult", "TaskSpec", "parse_evaluation_block"]

@@ -1,0 +1,182 @@
+"""Native scoring is faithful: same per-item log-likelihoods and answers as lm-eval, HF greedy generate, direct NLL."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evaluators import NonFiniteError
+from evaluators.native import GenerateScorer, LmEvalEncoder, MultipleChoiceScorer, PerplexityScorer
+from evaluators.tasks import parse_row
+from scripts.bench_eval import write_task
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def mc_rows(n: int = 40, seed: int = 5) -> list[dict]:
+    """Multiple-choice rows covering lm-eval's corner cases: trailing context spaces, shared choice prefixes,
+    single-token choices, 2-4 choices, an empty query and a context too long for the model (truncation)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 60), rng.randint(0, 40)
+        word = "".join(rng.choice("abcdefg") for _ in range(rng.randint(2, 6)))
+        query, choices = [
+            (f"{a}+{b}=", [str(a + b), str(a + b + 1), str(a + b + 10), str(a + b - 1)]),
+            (f"{a}+{b}= ", [str(a + b), str(a + b + 2)]),
+            (f"rev {word} =", [" " + word[::-1], " " + word, " " + word[::-1] + "x"]),
+            (f"up {word} = ", [word.upper(), "x", word]),
+        ][i % 4]
+        gold = rng.randrange(len(choices))
+        rows.append({"id": f"r{i}", "query": query, "choices": choices, "gold": gold})
+    rows.append({"id": "empty", "query": "", "choices": ["1+1=2", "1+1=3"], "gold": 0})
+    rows.append({"id": "long", "query": "rev abc = cba; " * 20 + "1+1=", "choices": ["2", "3" * 30, "11"],
+                 "gold": 0})
+    return rows
+
+
+def flat(nested):
+    return [x for row in nested for x in row]
+
+
+def mc_items(rows):
+    return [parse_row("multiple_choice", r, f"row{i}") for i, r in enumerate(rows)]
+
+
+def run_lm_eval(model, tok, rows, folder):
+    """Per-doc log-likelihoods, acc and acc_norm from lm-eval itself, on a local task over the same rows."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    write_task(rows, folder, task="faith_mc")
+    task_dict = TaskManager(include_path=str(folder), include_defaults=False).load(["faith_mc"])
+    out = evaluator.evaluate(lm=HFLM(pretrained=model, tokenizer=tok, batch_size=8), task_dict=task_dict,
+                             bootstrap_iters=0, log_samples=True)
+    samples = sorted(out["samples"]["faith_mc"], key=lambda s: s["doc_id"])
+    return ([[r[0] for r in s["filtered_resps"]] for s in samples], [s["acc"] for s in samples],
+            [s["acc_norm"] for s in samples], out["results"]["faith_mc"])
+
+
+@pytest.mark.parametrize("name", ["ft_add", "qwen2"])
+def test_multiple_choice_matches_lm_eval(zoo, tmp_path, name):
+    model, tok = load(zoo[name])
+    rows = mc_rows()
+    scorer = MultipleChoiceScorer(mc_items(rows), tok, batch_size=8)
+    which = list(range(len(rows)))
+    native_lls = scorer.loglikelihoods(model, which)
+    scores = scorer.score(model, which)
+    ref_lls, ref_acc, ref_acc_norm, ref_summary = run_lm_eval(model, tok, rows, tmp_path)
+    for got, want in zip(native_lls, ref_lls, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert [s["acc"] for s in scores] == ref_acc
+    assert [s["acc_norm"] for s in scores] == ref_acc_norm
+    assert sum(s["acc"] for s in scores) / len(rows) == pytest.approx(ref_summary["acc,none"])
+    assert sum(s["acc_norm"] for s in scores) / len(rows) == pytest.approx(ref_summary["acc_norm,none"])
+
+
+def test_encoder_matches_hflm(zoo):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = load(zoo["base"])
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
+    enc = LmEvalEncoder(tok)
+    for ctx, cont in [("12+3=", "15"), ("12+3= ", "15"), ("a  ", " b"), ("<s>x", "y")]:
+        assert enc.encode_pair(ctx, cont) == lm._encode_pair(ctx, cont)
+    assert enc.encode("<s>abc") == lm.tok_encode("<s>abc") and enc.prefix_token_id == lm.prefix_token_id
+
+
+def test_batching_and_subsets_do_not_change_scores(zoo):
+    model, tok = load(zoo["ft_add"])
+    items = mc_items(mc_rows(24, seed=9))
+    full = MultipleChoiceScorer(items, tok, batch_size=64).loglikelihoods(model, list(range(24)))
+    one = MultipleChoiceScorer(items, tok, batch_size=1)
+    subset = [17, 3, 9]
+    assert flat(one.loglikelihoods(model, subset)) == pytest.approx(flat(full[i] for i in subset), abs=1e-5)
+
+
+def test_perplexity_matches_direct_torch(zoo):
+    model, tok = load(zoo["ft_reverse"])
+    texts = ["rev abc = cba", "12+30=42", "x", "the quick brown fox " * 5]
+    items = [parse_row("perplexity", {"text": t}, "x") for t in texts]
+    scorer = PerplexityScorer(items, tok, batch_size=3)
+    got = scorer.score(model, [0, 1, 2, 3])
+    for text, scores in zip(texts, got, strict=True):
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(text)])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll = F.cross_entropy(logits, ids[0, 1:]).item()
+        assert scores["neg_nll"] == pytest.approx(-nll, abs=1e-5)
+
+
+def gen_rows(n=12, seed=3):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 8)))
+        rows.append({"prompt": f"rev {word} =" if i % 3 else f"{i}+{2 * i}=", "target": " " + word[::-1],
+                     "stop": [["\n"], ["a", "b"], []][i % 3]})
+    return rows
+
+
+def test_generate_matches_hf_greedy_generate(zoo):
+    model, tok = load(zoo["ft_reverse"])
+    rows = gen_rows()
+    items = [parse_row("generate", r, "x") for r in rows]
+    scorer = GenerateScorer(items, tok, batch_size=8, max_new_tokens=10)
+    which = list(range(len(rows)))
+    outputs = scorer.generations(model, which)
+    for item, got in zip(items, outputs, strict=True):
+        ids = tok(item.prompt, return_tensors="pt")
+        with torch.no_grad():
+            full = model.generate(**ids, max_new_tokens=10, do_sample=False)
+        want = tok.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in item.stop:
+            want = want.split(stop)[0]
+        assert got == want, item
+    assert GenerateScorer(items, tok, batch_size=1, max_new_tokens=10).generations(model, which) == outputs
+    scores = scorer.score(model, which)
+    assert [s["exact_match"] for s in scores] == [float(o.strip() == r["target"].strip())
+                                                  for o, r in zip(outputs, rows, strict=True)]
+
+
+def test_generate_exact_match_on_a_model_that_knows_the_answer(zoo):
+    model, tok = load(zoo["ft_add"])
+    prompts = [f"{a}+{b}=" for a, b in [(1, 2), (10, 20), (3, 4)]]
+    outs = GenerateScorer([parse_row("generate", {"prompt": p, "target": ""}, "x") for p in prompts], tok,
+                          max_new_tokens=6).generations(model, [0, 1, 2])
+    items = [parse_row("generate", {"prompt": p, "target": o}, "x") for p, o in zip(prompts, outs, strict=True)]
+    assert GenerateScorer(items, tok, max_new_tokens=6).score(model, [0, 1, 2]) == [{"exact_match": 1.0}] * 3
+
+
+def test_in_place_weight_changes_are_seen(zoo):
+    model, tok = load(zoo["base"])
+    items = mc_items(mc_rows(8))
+    scorer = MultipleChoiceScorer(items, tok)
+    ppl = PerplexityScorer([parse_row("perplexity", {"text": "rev abc = cba"}, "x")], tok)
+    before, ppl_before = scorer.loglikelihoods(model, range(8)), ppl.score(model, [0])
+    other, _ = load(zoo["ft_add"])
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), other.parameters(), strict=True):
+            p.copy_(q)
+    after = flat(scorer.loglikelihoods(model, range(8)))
+    assert after != pytest.approx(flat(before), abs=1e-3)
+    assert after == pytest.approx(flat(scorer.loglikelihoods(other, range(8))), abs=1e-6)
+    assert ppl.score(model, [0]) != ppl_before
+
+
+def test_non_finite_weights_raise(zoo):
+    model, tok = load(zoo["base"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(math.nan)
+    scorers = [MultipleChoiceScorer(mc_items(mc_rows(4)), tok),
+               PerplexityScorer([parse_row("perplexity", {"text": "abc"}, "x")], tok),
+               GenerateScorer([parse_row("generate", {"prompt": "1+1=", "target": "2"}, "x")], tok)]
+    for scorer in scorers:
+        with pytest.raises(NonFiniteError):
+            scorer.score(model, [0])
