@@ -28,6 +28,8 @@ from search.study import StudyConfig, load_study
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# We run the heartbeat thread ourselves around ask/tell (see run_worker).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 HEARTBEAT_S = 10       # a worker's running trial refreshes its heartbeat this often
@@ -38,7 +40,7 @@ SPACE_ATTR = "mergesearch_space"
 # ---- storage and study -----------------------------------------------------------------------------
 def make_storage(url: str):
     """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     try:
         if url.endswith((".log", ".journal")) and "://" not in url:
@@ -46,12 +48,31 @@ def make_storage(url: str):
 
             return optuna.storages.JournalStorage(JournalFileBackend(url))
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        if url.startswith("sqlite"):
+            _sqlite_wal(storage.engine)
+        return storage
     except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StudyError(f"cannot open storage: {first}", _redact(url)) from None
+
+
+def _sqlite_wal(engine) -> None:
+    """WAL journal + synchronous=NORMAL: ~4x cheaper commits (per-item pruner reports), readers never
+    block the writer, and a killed process loses nothing committed (only a power cut could lose the
+    last transactions, never corrupt the file)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(conn, _record):
+        cursor = conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()
 
 
 def _redact(url: str) -> str:
@@ -158,8 +179,9 @@ def _is_stale_failure(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that use the budget: finished ones (but stale failures), running and waiting ones."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if not _is_stale_failure(t))
+    """Trials that used or use the budget: finished ones (but retried stale failures) and running ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and not _is_stale_failure(t))
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -178,17 +200,16 @@ class Budget:
 
 
 def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> optuna.Trial | None:
-    """Fail stale trials, then take a waiting trial or create one if the budget allows (None: done).
+    """Fail stale trials, then take a trial (a waiting one first) if the budget allows (None: done).
 
     The check and the ask run under a lock shared by the workers on this machine, so the total
     never exceeds the budget. (Workers on several machines rely on PostgreSQL advisory locks.)
     """
     with folder_lock(lock_dir, ".budget.lock"), _advisory_lock(study):
         optuna.storages.fail_stale_trials(study)
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not budget.time_left():
             return None
-        if not waiting and budget.trials is not None and counted_trials(study) >= budget.trials:
+        if budget.trials is not None and counted_trials(study) >= budget.trials:
             return None
         return study.ask()
 
@@ -420,6 +441,6 @@ def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: Searc
         config = parse_config(yaml.safe_load(trial.user_attrs["config"]), where=f"trial {trial.number}",
                               base_dir=study_cfg.base_dir)
         result, _, _ = runner.evaluate(config, "holdout")
-        done[trial.number] = {"score": result.score, "scores": {n: t.score for n, t in result.tasks.items()},
-                              "stderr": {n: t.stderr for n, t in result.tasks.items()}}
+        done[trial.number] = {"score": result.score, "scores": {t.name: t.score for t in result.tasks},
+                              "stderr": {t.name: t.stderr for t in result.tasks}}
         study.set_user_attr("holdout", {str(k): v for k, v in done.items()})

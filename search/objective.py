@@ -61,9 +61,7 @@ class TrialRunner:
         t0 = time.perf_counter()
         first = space.config(space.constant(space.default_values()))
         self.engine = MergeEngine(first, device=device or study.device, seed=study.seed)
-        ev = study.evaluation
-        self.suite = Suite(ev.tasks, self.engine.tokenizer, holdout=ev.holdout, seed=ev.seed,
-                           device=self.engine.device, batch_size=ev.batch_size)
+        self.suite = Suite.from_config(study.evaluation, self.engine.tokenizer, device=self.engine.device)
         self.setup_seconds = time.perf_counter() - t0
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -75,7 +73,7 @@ class TrialRunner:
         t1 = time.perf_counter()
         result = self.suite.evaluate(model, split=split, callback=callback)
         t2 = time.perf_counter()
-        bad = [name for name, task in result.tasks.items() if not math.isfinite(task.score)]
+        bad = [task.name for task in result.tasks if not math.isfinite(task.score)]
         if bad:
             raise TrialFault(f"non-finite score on task {bad[0]} (NaN/inf loss)")
         return result, t1 - t0, t2 - t1
@@ -89,11 +87,11 @@ class TrialRunner:
         trial.set_user_attr("config", dump_config(config))
         trial.set_user_attr("worker", self.worker)
         result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial))
-        trial.set_user_attr("scores", {name: t.score for name, t in result.tasks.items()})
+        trial.set_user_attr("scores", {t.name: t.score for t in result.tasks})
         trial.set_user_attr("score", result.score)
         trial.set_user_attr("merge_s", round(merge_s, 4))
         trial.set_user_attr("eval_s", round(eval_s, 4))
-        trial.set_user_attr("n_items", sum(t.n for t in result.tasks.values()))
+        trial.set_user_attr("n_items", sum(t.n for t in result.tasks))
         if self.study.multi_objective:
             return list(result.objectives)
         return result.score
@@ -109,11 +107,11 @@ class TrialRunner:
             if not prunes:
                 return
             if per_item:
-                for step, score in progress.new_items:
+                for step, score in progress.new:
                     trial.report(score, step)
             else:
-                trial.report(progress.partial.score, progress.items_done)
+                trial.report(progress.result.score, progress.done)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after {progress.items_done} items")
+                raise optuna.TrialPruned(f"pruned after {progress.done} of {progress.total} items")
 
         return report

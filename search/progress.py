@@ -26,7 +26,7 @@ class SearchProgress:
     """A rich live panel when `live` and stderr is a terminal; one log line per trial otherwise."""
 
     def __init__(self, live: bool = True, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.live_enabled = live and self.console.is_terminal
         self._live: Live | None = None
         self.study = None
@@ -64,7 +64,7 @@ class SearchProgress:
         if self._live is not None:
             self._live.update(self._panel())
         else:
-            self.console.print(self._line(study, trial), highlight=False)
+            self.console.print(self._line(study, trial), highlight=False, soft_wrap=True)
 
     def poll(self, study) -> None:
         if self._live is not None:

@@ -70,7 +70,7 @@ def plot_history(study, path: Path) -> Path:
     ax.step(xs, best, where="post", color="C3", label="best so far")
     seeds = [t for t in complete if "seed" in t.user_attrs]
     for t in seeds:
-        ax.annotate(t.user_attrs["seed"].split(":")[0], (t.number, t.user_attrs.get("score", 0)), fontsize=7)
+        ax.annotate(t.user_attrs["seed"], (t.number, t.user_attrs.get("score", 0)), fontsize=7)
     ax.set_xlabel("trial")
     ax.set_ylabel("score")
     ax.set_title("optimization history")

@@ -141,8 +141,7 @@ def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResu
     t0 = time.perf_counter()
     engine = SoupEngine(cfg.checkpoints, device=cfg.device, dtype=cfg.dtype)
     ev = cfg.evaluation
-    suite = Suite(ev.tasks, engine.tokenizer, holdout=ev.holdout, seed=ev.seed, device=engine.device,
-                  batch_size=ev.batch_size)
+    suite = Suite.from_config(ev, engine.tokenizer, device=engine.device)
     names = [_label(p) for p in cfg.checkpoints]
     say = console.print if console is not None else (lambda *a, **k: None)
 

@@ -28,6 +28,11 @@ class Gene:
     anchor: int            # position in the gradient list
 
 
+def _short(ref: str) -> str:
+    """A model reference as people say it: its folder name."""
+    return Path(ref).name or ref
+
+
 class SearchSpace:
     """Genes of a study and the mapping genome -> mergekit config dict (and MergeConfig)."""
 
@@ -161,11 +166,11 @@ class SearchSpace:
         if "parents" in self.study.seed_trials:
             if "t" in params and len(self.model_refs) == 2:
                 for i, t in enumerate((0.0, 1.0)):
-                    seeds.append((f"parent:{self.model_refs[i]}", self.constant({**defaults, "t": t})))
+                    seeds.append((f"parent {_short(self.model_refs[i])}", self.constant({**defaults, "t": t})))
             elif "weight" in params and self.study.space.per_model:
                 for m in self.searched_models:
                     base = {**defaults, "weight": 0.0, "density": 1.0}
-                    seeds.append((f"parent:{self.model_refs[m]}", self.constant(base, {m: {"weight": 1.0}})))
+                    seeds.append((f"parent {_short(self.model_refs[m])}", self.constant(base, {m: {"weight": 1.0}})))
         if "uniform" in self.study.seed_trials:
             uniform = {**defaults, "weight": 1.0 if self._normalizes() else 1.0 / max(1, len(self.searched_models)),
                        "t": 0.5}

@@ -73,7 +73,7 @@ def test_parent_seed_reproduces_the_parent(zoo, tmp_path):
     space = SearchSpace(load_study(write_study(tmp_path, zoo)))
     seeds = dict(space.seed_genomes())
     assert {"uniform", "defaults"} <= set(seeds)
-    parent = seeds[f"parent:{zoo['ft_add']}"]
+    parent = seeds["parent ft_add"]
     merged = run_ours(space.config_dict(parent))
     diff, where = max_abs_diff(merged, read_folder(zoo["ft_add"]))
     assert diff <= 1e-6, where
