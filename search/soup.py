@@ -202,8 +202,6 @@ def soup_config_dict(checkpoints: list[Path], chosen: list[int], dtype: str | No
     cfg = {"merge_method": "linear",
            "models": [{"model": str(checkpoints[i].absolute()), "parameters": {"weight": 1.0}} for i in chosen],
            "dtype": dtype or "float32"}
-    if len(chosen) == 1:   # linear needs >= 2 models in mergekit: a one-ingredient soup is that model
-        cfg["models"].append(dict(cfg["models"][0]))
     return cfg
 
 
