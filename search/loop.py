@@ -12,6 +12,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -32,8 +33,11 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-HEARTBEAT_S = 10       # a worker's running trial refreshes its heartbeat this often
-GRACE_S = 30           # a running trial without heartbeat for this long is stale (worker died)
+# A worker's running trial refreshes its heartbeat every HEARTBEAT_S; without one for 3x that long it is
+# stale (its worker died) and is retried. MERGESEARCH_HEARTBEAT (seconds) changes it, e.g. for tests.
+HEARTBEAT_S = max(1, int(os.environ.get("MERGESEARCH_HEARTBEAT", "10")))
+GRACE_S = 3 * HEARTBEAT_S
+MAX_RETRY = 3
 SPACE_ATTR = "mergesearch_space"
 
 
@@ -50,7 +54,7 @@ def make_storage(url: str):
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
         if url.startswith("sqlite"):
             _sqlite_wal(storage.engine)
         return storage
@@ -199,19 +203,59 @@ class Budget:
         return self.deadline is None or time.time() < self.deadline
 
 
-def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> optuna.Trial | None:
-    """Fail stale trials, then take a trial (a waiting one first) if the budget allows (None: done).
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """RUNNING trials whose worker was a process on this machine that no longer exists (killed, crashed)
+    fail now and are retried, instead of waiting for their heartbeat to go stale."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(t._trial_id))
+                log.warning("trial %d: its worker %s is gone; retrying it", t.number, worker)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> optuna.Trial | str:
+    """Fail dead and stale trials, then take a trial (a waiting one first) if the budget allows.
+
+    Returns the trial, or why not: "time" (deadline passed), "budget" (spent), or "wait" (spent, but
+    trials of other workers still run and may come back for a retry if their worker died).
     The check and the ask run under a lock shared by the workers on this machine, so the total
     never exceeds the budget. (Workers on several machines rely on PostgreSQL advisory locks.)
     """
     with folder_lock(lock_dir, ".budget.lock"), _advisory_lock(study):
+        fail_dead_local_trials(study)
         optuna.storages.fail_stale_trials(study)
         if not budget.time_left():
-            return None
+            return "time"
         if budget.trials is not None and counted_trials(study) >= budget.trials:
-            return None
-        return study.ask()
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return "wait" if running else "budget"
+        trial = study.ask()
+        trial.set_user_attr("worker", worker_id())   # inside the lock: a retried trial carries a dead one's
+        return trial
+
+
+def worker_id() -> str:
+    """host:pid of this process, stored on its running trials."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _advisory_lock:
@@ -257,7 +301,10 @@ def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, 
     runner = TrialRunner(study_cfg, space, device=device, stop=stop)
     while not stop.is_set():
         trial = ask_within_budget(study, budget, study_cfg.output_dir)
-        if trial is None:
+        if trial == "wait":
+            stop.wait(min(HEARTBEAT_S, 2.0))
+            continue
+        if isinstance(trial, str):
             break
         state, value, reason = TrialState.COMPLETE, None, None
         with get_heartbeat_thread(trial._trial_id, study._storage):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import threading
 import time
 
@@ -63,7 +61,6 @@ class TrialRunner:
         self.engine = MergeEngine(first, device=device or study.device, seed=study.seed)
         self.suite = Suite.from_config(study.evaluation, self.engine.tokenizer, device=self.engine.device)
         self.setup_seconds = time.perf_counter() - t0
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self, config, split: str = "search", callback=None):
@@ -85,7 +82,6 @@ class TrialRunner:
 
         config = self.space.config(genome)
         trial.set_user_attr("config", dump_config(config))
-        trial.set_user_attr("worker", self.worker)
         result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial))
         trial.set_user_attr("scores", {t.name: t.score for t in result.tasks})
         trial.set_user_attr("score", result.score)

@@ -1,0 +1,87 @@
+"""Several workers on one storage: the budget is met exactly, no trial is duplicated or lost, and a
+worker killed mid-trial has its trial retried by another."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from conftest import REPO, run_cli
+from optuna.trial import TrialState
+from studyfiles import write_study
+
+from search.study import load_study
+
+pytestmark = pytest.mark.slow
+
+
+def check_run(study, budget: int) -> None:
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and "fail_reason" in t.user_attrs)]
+    assert len(counted) == budget
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert "config" in t.user_attrs and "score" in t.user_attrs
+
+
+def test_two_workers_on_sqlite(zoo, tmp_path):
+    path = write_study(tmp_path, zoo, trials=10, sampler="tpe")
+    proc = run_cli("search", path, "--workers", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_study(path)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
+    check_run(study, 10)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert (cfg.output_dir / "best_config.yaml").is_file()
+
+
+@pytest.mark.postgres
+def test_four_workers_on_postgres(zoo, tmp_path, postgres_url):
+    path = write_study(tmp_path, zoo, trials=12, sampler="random", name="pg4")
+    proc = run_cli("search", path, "--workers", "4", "--storage", postgres_url, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name="pg4", storage=postgres_url)
+    check_run(study, 12)
+    assert len({t.user_attrs["worker"] for t in study.trials}) >= 2
+
+
+@pytest.mark.postgres
+def test_killed_worker_trial_is_retried(zoo, tmp_path, postgres_url):
+    path = write_study(tmp_path, zoo, trials=14, sampler="random", name="pgkill", n_items=60)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MERGESEARCH_HEARTBEAT": "1"}
+    main = subprocess.Popen([sys.executable, "-m", "search.cli", "search", str(path), "--workers", "2",
+                             "--storage", postgres_url, "--no-progress"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline and main.poll() is None:
+        try:
+            study = optuna.load_study(study_name="pgkill", storage=postgres_url)
+        except KeyError:
+            time.sleep(0.5)
+            continue
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if "worker" in t.user_attrs]
+        if len(done) >= 3 and running:
+            victim = running[0]
+            os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        time.sleep(0.05)
+    _, err = main.communicate(timeout=300)
+    assert victim is not None, err
+    study = optuna.load_study(study_name="pgkill", storage=postgres_url)
+    check_run(study, 14)
+    killed = next(t for t in study.trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and "fail_reason" not in killed.user_attrs
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retried and retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == killed.params
