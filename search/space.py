@@ -177,6 +177,8 @@ class SearchSpace:
             seeds.append(("uniform", self.constant(uniform)))
         if "defaults" in self.study.seed_trials:
             seeds.append(("defaults", self.constant(defaults)))
+        if "soup" in self.study.seed_trials and "weight" in params:
+            seeds.append(("greedy soup", self.soup_genome(defaults)))
         unique, seen = [], set()
         for label, genome in seeds:
             key = tuple(sorted(genome.items()))
@@ -184,6 +186,21 @@ class SearchSpace:
                 seen.add(key)
                 unique.append((label, genome))
         return unique
+
+    def soup_genome(self, defaults: dict[str, float]) -> dict[str, float]:
+        """The soup of `soup_config` as a genome: equal weights on its ingredients, zero on the others."""
+        from merge_core.config import load_config
+
+        soup = load_config(self.study.soup_config)
+        chosen = {soup.resolve_model(m.model).resolve() for m in soup.models}
+        members = [m for m in self.searched_models
+                   if self.study.merge.resolve_model(self.model_refs[m]).resolve() in chosen]
+        if not members:
+            raise StudyError("none of the soup's checkpoints is among the study's models",
+                             f"{self.study.path.name}: soup_config")
+        weight = 1.0 if self._normalizes() else 1.0 / len(members)
+        per_model = {m: {"weight": weight if m in members else 0.0} for m in self.searched_models}
+        return self.constant({**defaults, "density": 1.0}, per_model)
 
     def _normalizes(self) -> bool:
         spec = self.method.params.get("normalize")

@@ -19,7 +19,7 @@ SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random")
 PRUNERS = ("wilcoxon", "median", "halving", "none")
 FILTER_GROUPS_DEFAULT = ("self_attn", "mlp")
 TOP_LEVEL_KEYS = {"name", "output_dir", "merge", "space", "evaluation", "sampler", "pruner", "budget",
-                  "objective", "seed_trials", "final", "device", "storage", "seed"}
+                  "objective", "seed_trials", "final", "device", "storage", "seed", "soup_config"}
 
 
 def parse_duration(text: Any, where: str) -> float | None:
@@ -85,6 +85,7 @@ class StudyConfig:
     device: str = "auto"
     storage: str | None = None
     seed: int = 0
+    soup_config: Path | None = None  # a soup_config.yaml whose ingredients seed a trial
 
     @property
     def base_dir(self) -> Path:
@@ -212,6 +213,11 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     allowed_seeds = {"parents", "uniform", "defaults", "soup"}
     if not isinstance(seeds, list) or not set(seeds) <= allowed_seeds:
         raise StudyError(f"seed_trials must be a list drawn from {sorted(allowed_seeds)}", f"{where}: seed_trials")
+    soup_config = data.get("soup_config")
+    if "soup" in seeds and not soup_config:
+        raise StudyError("seed trial 'soup' needs soup_config: path/to/soup_config.yaml", f"{where}: seed_trials")
+    if soup_config and not (base_dir / str(soup_config)).is_file():
+        raise StudyError(f"file not found: {soup_config}", f"{where}: soup_config")
     final = _mapping(data.get("final"), f"{where}: final")
     _reject_unknown(final, {"top_k"}, f"{where}: final")
     return StudyConfig(
@@ -220,7 +226,8 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         sampler=SamplerConfig(s_name, s_seed, s_opts), pruner=PrunerConfig(p_name, p_opts),
         trials=trials, timeout=parse_duration(budget.get("timeout"), f"{where}: budget.timeout"),
         multi_objective=multi, seed_trials=tuple(seeds), top_k=int(final.get("top_k", 5)),
-        device=str(data.get("device", "auto")), storage=data.get("storage"), seed=seed)
+        device=str(data.get("device", "auto")), storage=data.get("storage"), seed=seed,
+        soup_config=base_dir / str(soup_config) if soup_config else None)
 
 
 def load_yaml(path: Path | str, kind: str = "study") -> dict:

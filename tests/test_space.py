@@ -94,3 +94,13 @@ def test_bad_study_fields_are_named(change, field, zoo, tmp_path):
     path = write_study(tmp_path, zoo, extra=change)
     with pytest.raises(StudyError, match=field.replace(".", r"\.")):
         SearchSpace(load_study(path))
+
+
+def test_soup_seed_puts_equal_weight_on_the_soup_ingredients(zoo, tmp_path):
+    soup = tmp_path / "soup_config.yaml"
+    soup.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                                    "models": [{"model": str(zoo["ft_reverse"]), "parameters": {"weight": 1.0}}]}))
+    path = write_study(tmp_path, zoo, method="linear", params={"weight": [0.0, 1.0]}, granularity="global",
+                       extra={"seed_trials": ["soup"], "soup_config": "soup_config.yaml"})
+    seeds = dict(SearchSpace(load_study(path)).seed_genomes())
+    assert seeds["greedy soup"] == {"weight.m0": 0.0, "weight.m1": 1.0}
