@@ -126,10 +126,11 @@ class Suite:
         if sum(s.weight for s in specs) <= 0:
             raise EvalError("at least one task needs a weight > 0", "tasks")
         self.holdout, self.seed, self.device = holdout, seed, device
+        self.has_holdout = holdout > 0 or any(s.holdout_path is not None for s in specs)
         self._bridge = None
         self._tasks = [self._load(spec, tokenizer, batch_size, autocast) for spec in specs]
         for task in self._tasks:
-            for split in ("search", "holdout") if holdout else ("search",):
+            for split in ("search", "holdout") if self.has_holdout else ("search",):
                 if not task.splits[split]:
                     raise EvalError(f"no items fall in the {split} split ({len(task.ids)} items, holdout "
                                     f"{holdout}): add items or change holdout", task.spec.name)
@@ -152,15 +153,31 @@ class Suite:
             from evaluators.native import make_scorer
 
             items = load_items(spec)
-            scorer = make_scorer(spec.kind, items, tokenizer, name=spec.name, batch_size=batch_size,
+            held = load_items(spec, spec.holdout_path) if spec.holdout_path is not None else []
+            both = {item.id for item in items} & {item.id for item in held}
+            if both:
+                raise EvalError(f"item id {sorted(both)[0]!r} is in both the task file and its holdout file",
+                                str(spec.holdout_path))
+            scorer = make_scorer(spec.kind, items + held, tokenizer, name=spec.name, batch_size=batch_size,
                                  max_new_tokens=spec.max_new_tokens, autocast=autocast)
-            ids, metric = [item.id for item in items], spec.metric
+            ids, metric = [item.id for item in items + held], spec.metric
+            if held:
+                return _Task(spec, scorer, metric, ids, self._file_splits(ids, len(items), spec.limit))
         positions = list(range(len(ids)))
         splits = {split: select_split(positions, ids, split=split, holdout=self.holdout, seed=self.seed,
                                       limit=spec.limit) for split in SPLITS}
         log.info("task %s: %d items (search %d, holdout %d) ready in %.2fs", spec.name, len(ids),
                  len(splits["search"]), len(splits["holdout"]), time.perf_counter() - started)
         return _Task(spec, scorer, metric, ids, splits)
+
+    def _file_splits(self, ids: list[str], n_search: int, limit: int | None) -> dict[str, list[int]]:
+        """Splits of a task with a holdout file: the first n_search items search, the rest holdout."""
+        def pick(lo: int, hi: int) -> list[int]:
+            return select_split(list(range(lo, hi)), ids[lo:hi], split="search", holdout=0.0, seed=self.seed,
+                                limit=limit)
+
+        search, holdout = pick(0, n_search), pick(n_search, len(ids))
+        return {"search": search, "holdout": holdout, "all": sorted(search + holdout)}
 
     @property
     def specs(self) -> list[TaskSpec]:
@@ -191,7 +208,7 @@ class Suite:
         empty = [t.spec.name for t in self._tasks if not t.splits[split]]
         if empty:
             raise EvalError(f"no items in the {split} split for task(s) {', '.join(empty)}"
-                            + (" (holdout is 0)" if split == "holdout" and not self.holdout else ""))
+                            + (" (holdout is 0)" if split == "holdout" and not self.has_holdout else ""))
         if chunk_size is not None and chunk_size < 1:
             raise EvalError(f"chunk size must be >= 1, got {chunk_size}")
         per_item: dict[str, dict[str, float]] = {t.spec.name: {} for t in self._tasks}

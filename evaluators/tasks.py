@@ -39,6 +39,7 @@ class TaskSpec:
     metric: str | None = None
     max_new_tokens: int = 32
     num_fewshot: int | None = None
+    holdout_path: Path | None = None   # a separate held-out file: its items are the holdout split
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: Path | str = ".", where: str = "task") -> TaskSpec:
@@ -56,12 +57,14 @@ class TaskSpec:
         base_dir = Path(base_dir)
         path = _optional_path(raw, "path", base_dir, where)
         include_path = _optional_path(raw, "include_path", base_dir, where)
+        holdout_path = _optional_path(raw, "holdout_path", base_dir, where)
         task = raw.get("task")
         if kind == "lm_eval":
             if not isinstance(task, str) or not task:
                 raise EvalError("an lm_eval task needs `task: NAME`", f"{where}.task")
-            if path is not None:
-                raise EvalError("lm_eval tasks take `task` (and `include_path`), not `path`", f"{where}.path")
+            if path is not None or holdout_path is not None:
+                key = "path" if path is not None else "holdout_path"
+                raise EvalError(f"lm_eval tasks take `task` (and `include_path`), not `{key}`", f"{where}.{key}")
         else:
             if path is None:
                 raise EvalError(f"a {kind} task needs `path: FILE.jsonl`", f"{where}.path")
@@ -85,6 +88,7 @@ class TaskSpec:
             metric=metric if metric is not None else DEFAULT_METRIC.get(kind),
             max_new_tokens=_optional_int(raw, "max_new_tokens", where, minimum=1) or 32,
             num_fewshot=_optional_int(raw, "num_fewshot", where, minimum=0),
+            holdout_path=holdout_path,
         )
 
 
@@ -95,6 +99,11 @@ class EvaluationConfig:
     tasks: list[TaskSpec]
     holdout: float = 0.0
     seed: int = 0
+
+    @property
+    def has_holdout(self) -> bool:
+        """Whether a holdout split exists: a holdout fraction, or a task with its own holdout file."""
+        return self.holdout > 0 or any(t.holdout_path is not None for t in self.tasks)
 
 
 @dataclass(frozen=True)
@@ -166,29 +175,31 @@ def check_unique_names(specs: Sequence[TaskSpec], where: str) -> None:
         seen.add(spec.name)
 
 
-def load_items(spec: TaskSpec) -> list[Item]:
-    """Read and validate every row of a local task's JSONL; raises EvalError with `file:LINE` on a bad row."""
-    if spec.kind not in LOCAL_KINDS or spec.path is None:
+def load_items(spec: TaskSpec, path: Path | None = None) -> list[Item]:
+    """Read and validate every row of a local task's JSONL (`path`, default the task's own file); raises
+    EvalError with `file:LINE` on a bad row."""
+    path = path or spec.path
+    if spec.kind not in LOCAL_KINDS or path is None:
         raise EvalError(f"not a local JSONL task (kind {spec.kind})", spec.name)
     try:
-        lines = spec.path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise EvalError("task file not found", str(spec.path)) from None
+        raise EvalError("task file not found", str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise EvalError(f"cannot read task file: {err}", str(spec.path)) from None
+        raise EvalError(f"cannot read task file: {err}", str(path)) from None
     items: list[Item] = []
     first_line: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"{spec.path}:{number}"
+        where = f"{path}:{number}"
         item = parse_row(spec.kind, _json_row(line, where), where)
         if item.id in first_line:
             raise EvalError(f"duplicate item id {item.id!r} (first on line {first_line[item.id]})", where)
         first_line[item.id] = number
         items.append(item)
     if not items:
-        raise EvalError("task file has no items", str(spec.path))
+        raise EvalError("task file has no items", str(path))
     return items
 
 

@@ -447,7 +447,7 @@ def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, de
     from search.report import write_report
 
     top = top_trials(study, study_cfg.top_k)
-    if top and study_cfg.evaluation.holdout > 0:
+    if top and study_cfg.evaluation.has_holdout:
         seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if "seed" in t.user_attrs and t.number not in {x.number for x in top}]
         reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress)

@@ -160,7 +160,7 @@ def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResu
     uniform_model = engine.show_with(None)
     uniform = score(uniform_model)
     holdout: dict[str, float] = {}
-    if ev.holdout > 0:
+    if ev.has_holdout:
         holdout["uniform soup"] = score(uniform_model, "holdout")
     engine.reset()
     say(f"  uniform soup of {len(names)}: {uniform:.4f}")
@@ -182,7 +182,7 @@ def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResu
         steps += [SoupStep(n + 2, names[i], individual[i], s, k) for n, (i, s, k) in enumerate(trace)]
         greedy_score = max([individual[chosen[0]]] + [s for _, s, k in trace if k])
     best_single = greedy_order(individual)[0]
-    if ev.holdout > 0:
+    if ev.has_holdout:
         holdout["best single"] = score(engine.show_single(best_single), "holdout")
         if mode == "greedy":
             engine.reset()
