@@ -7,6 +7,7 @@ or scores by itself (TrialRunner does).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import multiprocessing as mp
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from search import StudyError
@@ -44,8 +46,6 @@ SPACE_ATTR = "mergesearch_space"
 # ---- storage and study -----------------------------------------------------------------------------
 def make_storage(url: str):
     """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     try:
         if url.endswith((".log", ".journal")) and "://" not in url:
             from optuna.storages.journal import JournalFileBackend
@@ -54,7 +54,7 @@ def make_storage(url: str):
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=retry_trial)
         if url.startswith("sqlite"):
             _sqlite_wal(storage.engine)
         return storage
@@ -203,21 +203,36 @@ class Budget:
         return self.deadline is None or time.time() < self.deadline
 
 
-def fail_dead_local_trials(study: optuna.Study) -> None:
-    """RUNNING trials whose worker was a process on this machine that no longer exists (killed, crashed)
-    fail now and are retried, instead of waiting for their heartbeat to go stale."""
+def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
+    stamp: until its new worker stamps it, a popped retry must look unstamped (see fail_dead_local_trials)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    trial = copy.deepcopy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """RUNNING trials whose worker is gone fail now and are retried, instead of waiting for a heartbeat.
+
+    Gone: a process on this machine that no longer exists (killed, crashed), or no worker stamp at all.
+    Workers ask for a trial and stamp it under the budget locks that the caller holds, so an unstamped
+    RUNNING trial belongs to a worker that died inside ask(); it has no heartbeat either, so Optuna's
+    stale-trial check would never fail it and the budget would wait for it for ever.
+    """
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or _alive(int(pid)):
-            continue
+        worker = t.user_attrs.get("worker")
+        if worker is not None:
+            name, _, pid = worker.rpartition(":")
+            if name != host or not pid.isdigit() or _alive(int(pid)):
+                continue
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(t._trial_id))
-                log.warning("trial %d: its worker %s is gone; retrying it", t.number, worker)
+                retry_trial(study, study._storage.get_trial(t._trial_id))
+                log.warning("trial %d: its worker %s is gone; retrying it", t.number,
+                            worker or "(died while asking for it)")
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
@@ -249,7 +264,12 @@ def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> op
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             return "wait" if running else "budget"
         trial = study.ask()
-        trial.set_user_attr("worker", worker_id())   # inside the lock: a retried trial carries a dead one's
+        # Still inside the locks: first heartbeat, then the worker stamp. Whenever this process dies, its
+        # trial is unstamped (failed by the next fail_dead_local_trials) or stamped with a heartbeat
+        # (failed by the dead-pid check or, from another machine, once the heartbeat is stale).
+        if isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage):
+            study._storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("worker", worker_id())
         return trial
 
 
