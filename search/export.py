@@ -33,6 +33,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def remove_temp_files(path: Path) -> None:
+    """Delete what atomic writes of `path` killed half-way left behind. Call it only while holding the lock
+    that every writer of `path` holds (another writer's temp file would vanish under it)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def folder_lock(folder: Path, name: str = ".lock"):
     """An exclusive inter-process lock on a file in `folder` (workers on one machine)."""
@@ -67,12 +75,13 @@ def trial_config_yaml(trial) -> str:
 
 def write_best_config(output_dir: Path, trial, split: str, study_name: str, score: float | None = None,
                       scores: dict[str, float] | None = None, extra: dict | None = None) -> Path:
-    """Rewrite output_dir/best_config.yaml atomically for `trial`."""
+    """Rewrite output_dir/best_config.yaml atomically for `trial` (hold the folder's .best.lock)."""
     if score is None:
         score = trial.user_attrs.get("score", trial.values[0] if trial.values else None)
     scores = scores if scores is not None else trial.user_attrs.get("scores", {})
     text = config_header(trial.number, score, scores, split, study_name, extra) + trial_config_yaml(trial)
     path = Path(output_dir) / BEST_CONFIG
+    remove_temp_files(path)
     atomic_write_text(path, text)
     return path
 

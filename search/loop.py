@@ -41,6 +41,7 @@ HEARTBEAT_S = max(1, int(os.environ.get("MERGESEARCH_HEARTBEAT", "10")))
 GRACE_S = 3 * HEARTBEAT_S
 MAX_RETRY = 3
 SPACE_ATTR = "mergesearch_space"
+SEEDED_ATTR = "mergesearch_seeded"
 
 
 # ---- storage and study -----------------------------------------------------------------------------
@@ -415,9 +416,7 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
     progress = progress or SearchProgress(False)
     space = SearchSpace(study_cfg)
     study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
-    if not study.trials:
-        for label, genome in space.seed_genomes():
-            study.enqueue_trial(genome, user_attrs={"seed": label})
+    seed_study(study, space)
     maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
     budget = Budget(trials, time.time() + timeout if timeout else None)
     stop = threading.Event()
@@ -436,6 +435,18 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 130 if stop.is_set() else 0
+
+
+def seed_study(study: optuna.Study, space: SearchSpace) -> None:
+    """Queue the seed trials (parents, uniform, defaults) once per study. A start killed while queueing
+    them queues the missing ones when resumed."""
+    if study.user_attrs.get(SEEDED_ATTR):
+        return
+    present = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)}
+    for label, genome in space.seed_genomes():
+        if label not in present:
+            study.enqueue_trial(genome, user_attrs={"seed": label})
+    study.set_user_attr(SEEDED_ATTR, True)
 
 
 def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study) -> None:
