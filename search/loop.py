@@ -311,15 +311,16 @@ class _advisory_lock:
 
 # ---- one worker ----------------------------------------------------------------------------------------
 def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, device: str | None,
-               stop: threading.Event, on_trial=None) -> None:
-    """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml."""
+               stop: threading.Event, on_trial=None, runner=None) -> None:
+    """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml.
+    `runner`: a TrialRunner built with `stop` (default: build one here)."""
     from optuna.storages._heartbeat import get_heartbeat_thread
 
     from search.objective import Interrupted, TrialRunner, fault_reason
 
     space = SearchSpace(study_cfg)
     study = open_study(study_cfg, storage_url, space=space)
-    runner = TrialRunner(study_cfg, space, device=device, stop=stop)
+    runner = runner or TrialRunner(study_cfg, space, device=device, stop=stop)
     while not stop.is_set():
         trial = ask_within_budget(study, budget, study_cfg.output_dir)
         if trial == "wait":
@@ -411,26 +412,32 @@ def search_command(args) -> int:
 def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | None, storage_url: str | None = None,
                workers: int = 1, device: str | None = None, new_study: bool = False, progress=None) -> int:
     """Run (or resume) the study to its budget, then finalize; returns the exit status."""
+    from search.objective import TrialRunner, check_inputs
     from search.progress import SearchProgress
 
     progress = progress or SearchProgress(False)
+    _check_writable(study_cfg.output_dir)
     space = SearchSpace(study_cfg)
+    # Every user error (a model, a task file, the storage, a changed space) is raised before anything in
+    # the storage or output_dir changes: cheap input checks, the storage, then the resident runner.
+    check_inputs(study_cfg, space)
     study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
+    stop = threading.Event()
+    runner = TrialRunner(study_cfg, space, device=device, stop=stop) if workers == 1 else None
     seed_study(study, space)
     maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
     budget = Budget(trials, time.time() + timeout if timeout else None)
-    stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with progress.running(study, study_cfg, trials, timeout):
             if workers == 1:
                 run_worker(study_cfg, storage_url, budget, device, stop,
-                           on_trial=lambda s, t: progress.trial_done(s, t))
+                           on_trial=lambda s, t: progress.trial_done(s, t), runner=runner)
             else:
                 _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
         if stop.is_set():
             progress.note("stopping: interrupted, writing outputs")
-        finalize(study_cfg, study, space, device, progress)
+        finalize(study_cfg, study, space, device, progress, runner=runner)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -473,15 +480,17 @@ def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progre
 
 
 # ---- the end of a run --------------------------------------------------------------------------------------
-def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, device: str | None, progress) -> None:
-    """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report."""
+def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, device: str | None, progress,
+             runner=None) -> None:
+    """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report.
+    `runner`: the search's TrialRunner, reused for the re-evaluation (default: build one)."""
     from search.report import write_report
 
     top = top_trials(study, study_cfg.top_k)
     if top and study_cfg.evaluation.holdout > 0:
         seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if "seed" in t.user_attrs and t.number not in {x.number for x in top}]
-        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress)
+        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress, runner=runner)
     held = holdout_results(study)
     if held:
         winner = max(held, key=lambda n: (held[n]["score"], -n))
@@ -502,7 +511,7 @@ def top_trials(study: optuna.Study, k: int) -> list:
 
 
 def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, trials: list,
-                       device: str | None, progress) -> None:
+                       device: str | None, progress, runner=None) -> None:
     """Score the given trials on the held-out split (skipping ones already done); store in the study."""
     import yaml
 
@@ -514,7 +523,7 @@ def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: Searc
     if not todo:
         return
     progress.note(f"held-out re-evaluation of the top {len(trials)} trials")
-    runner = TrialRunner(study_cfg, space, device=device)
+    runner = runner or TrialRunner(study_cfg, space, device=device)
     for trial in todo:
         config = parse_config(yaml.safe_load(trial.user_attrs["config"]), where=f"trial {trial.number}",
                               base_dir=study_cfg.base_dir)

@@ -45,6 +45,20 @@ def fault_reason(err: BaseException) -> str | None:
     return None
 
 
+def check_inputs(study: StudyConfig, space: SearchSpace) -> None:
+    """The cheap half of building a TrialRunner, run before the storage or output_dir is touched: every
+    model folder opens (safetensors headers only) and agrees with the others, every local task file parses.
+    Raises the same one-line user errors (MergeConfigError, EvalError) the runner would."""
+    from evaluators.tasks import LOCAL_KINDS, load_items
+    from merge_core.engine import open_sources, plan_for
+
+    config = space.config(space.constant(space.default_values()))
+    plan_for(config, open_sources(config))
+    for spec in study.evaluation.tasks:
+        if spec.kind in LOCAL_KINDS:
+            load_items(spec)
+
+
 class TrialRunner:
     """A worker's resident merge engine and evaluation suite; runs trials and re-evaluations."""
 
