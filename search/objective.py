@@ -32,10 +32,15 @@ def fault_reason(err: BaseException) -> str | None:
     import torch
 
     from evaluators import EvalError
+    from merge_core import MergeConfigError
     from merge_core.engine import NonFiniteMerge
 
     if isinstance(err, NonFiniteMerge):
         return f"non-finite merge: {err}"
+    if isinstance(err, MergeConfigError):
+        # The engine was built from this study's merge, so within a trial only the candidate's values can
+        # be at fault (e.g. della's density + epsilon >= 1): this candidate fails, the study goes on.
+        return f"invalid merge parameters: {err}"
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
         return f"out of memory: {str(err).splitlines()[0][:200]}"
     if isinstance(err, EvalError):
