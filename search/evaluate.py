@@ -60,7 +60,11 @@ def read_evaluation_block(path: Path) -> EvaluationConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EvalError("file not found", str(path)) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EvalError(f"invalid YAML: {problem}", f"{path}:{mark.line + 1}" if mark else str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
         raise EvalError(f"cannot read YAML: {err}", str(path)) from None
     if not isinstance(data, dict) or "evaluation" not in data:
         raise EvalError("has no `evaluation:` block", str(path))
