@@ -207,12 +207,14 @@ def _itemsize(dtype: torch.dtype) -> int:
 def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) -> None:
     """Sources must share architecture, vocabulary size and (unless slicing) tensor names and shapes.
 
-    Raises MergeConfigError naming the first model and tensor that disagree with the first source.
+    Raises MergeConfigError naming the first model and tensor that disagree with the reference source:
+    the one whose tensor names and shapes most sources share (ties: the earlier one), so that the model
+    at fault is named, not the first one listed.
     """
-    refs = list(sources)
-    first = sources[refs[0]]
-    for ref in refs[1:]:
-        other = sources[ref]
+    first = _reference(sources) if same_layers else next(iter(sources.values()))
+    for ref, other in sources.items():
+        if other is first:
+            continue
         where = f"model {ref}"
         if other.architecture != first.architecture:
             raise MergeConfigError(
@@ -228,6 +230,18 @@ def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) 
                 f"has {other.num_layers} layers, {first.ref} has {first.num_layers} (use slices to merge "
                 "different depths)", where)
         _check_tensor_sets(first, other)
+
+
+def _reference(sources: dict[str, ModelSource]) -> ModelSource:
+    """The source whose (architecture, vocab, tensor names and shapes) most sources share."""
+    def key(s: ModelSource):
+        return (s.architecture, s.vocab_size,
+                frozenset((n, m.shape) for n, m in s.meta.items() if n not in _tied_head(s) and n != "lm_head.weight"))
+
+    keys = [key(s) for s in sources.values()]
+    counts = {k: keys.count(k) for k in keys}
+    best = max(counts.values())
+    return next(s for s, k in zip(sources.values(), keys) if counts[k] == best)
 
 
 def _check_tensor_sets(first: ModelSource, other: ModelSource) -> None:
