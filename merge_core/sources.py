@@ -115,7 +115,15 @@ class ModelSource:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-                raise MergeConfigError(f"cannot read {file.name}: {err}", f"model {self.ref}") from None
+                text = str(err)
+                if "Weights only load failed" in text:   # torch's advice (weights_only=False) is not ours
+                    found = re.search(r"GLOBAL (\S+)", text)
+                    raise MergeConfigError(
+                        f"refused {file.name}: it holds objects besides tensors"
+                        f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded",
+                        f"model {self.ref}") from None
+                first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+                raise MergeConfigError(f"cannot read {file.name}: {first}", f"model {self.ref}") from None
             for name, tensor in state.items():
                 self._pickled[name] = tensor
                 weight_map[name] = file
