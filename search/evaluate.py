@@ -101,9 +101,16 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
     if not any(folder.glob("*.safetensors")):
         raise EvalError("no .safetensors weights (pickle .bin checkpoints are refused)", str(folder))
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise EvalError(f"unreadable config.json: {err}", str(folder)) from None
+    if model_type not in CONFIG_MAPPING:   # only the folder's own code could load it: never run
+        raise EvalError(f"unsupported model_type {model_type!r} (loading it would run code from the model "
+                        "folder, which mergesearch never does)", str(folder))
     hf_logging.disable_progress_bar()
     dtype = torch.float32 if device == "cpu" else "auto"
     try:
