@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,24 +425,48 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
     study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
     stop = threading.Event()
     runner = TrialRunner(study_cfg, space, device=device, stop=stop) if workers == 1 else None
-    seed_study(study, space)
-    maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
     budget = Budget(trials, time.time() + timeout if timeout else None)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with progress.running(study, study_cfg, trials, timeout):
-            if workers == 1:
-                run_worker(study_cfg, storage_url, budget, device, stop,
-                           on_trial=lambda s, t: progress.trial_done(s, t), runner=runner)
-            else:
-                _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
-        if stop.is_set():
-            progress.note("stopping: interrupted, writing outputs")
-        finalize(study_cfg, study, space, device, progress, runner=runner)
+        with storage_failures(study_cfg.storage_url(storage_url)):
+            seed_study(study, space)
+            maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
+            _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress,
+                              runner, trials, timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 130 if stop.is_set() else 0
+
+
+def _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress, runner,
+                      trials, timeout) -> None:
+    with progress.running(study, study_cfg, trials, timeout):
+        if workers == 1:
+            run_worker(study_cfg, storage_url, budget, device, stop,
+                       on_trial=lambda s, t: progress.trial_done(s, t), runner=runner)
+        else:
+            _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
+    if stop.is_set():
+        progress.note("stopping: interrupted, writing outputs")
+    finalize(study_cfg, study, space, device, progress, runner=runner)
+
+
+@contextmanager
+def storage_failures(url: str):
+    """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
+    traceback: what it had stored is kept, and the same command resumes once it works again."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise StudyError(f"the storage failed: {text} (trials stored so far are kept; fix it and run the "
+                         "same command to resume)", _redact(url)) from None
 
 
 def seed_study(study: optuna.Study, space: SearchSpace) -> None:
