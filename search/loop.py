@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -378,17 +379,34 @@ def maybe_write_best(study: optuna.Study, study_cfg: StudyConfig, trial=None) ->
 
 
 def _worker_main(study_path: str, storage_url: str | None, budget: Budget, device: str | None,
-                 index: int) -> None:
+                 index: int, parent: int | None = None) -> None:
     """Entry point of a spawned worker process."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _stop_with_parent(parent)
     if device and device.startswith("cuda") and ":" not in device:
         import torch
 
         if torch.cuda.device_count() > 1:
             device = f"cuda:{index % torch.cuda.device_count()}"
     run_worker(load_study(study_path), storage_url, budget, device, stop)
+
+
+def _stop_with_parent(parent: int | None) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the search that spawned it dies, even by SIGKILL,
+    so a killed search leaves no workers running (a resumed one would otherwise run beside them). The
+    worker then stops like on Ctrl-C: its running trial is queued again."""
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the search died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -483,8 +501,8 @@ def seed_study(study: optuna.Study, space: SearchSpace) -> None:
 
 def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i),
-                         daemon=False) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i,
+                                                    os.getpid()), daemon=False) for i in range(workers)]
     for p in procs:
         p.start()
     try:

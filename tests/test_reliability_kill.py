@@ -289,3 +289,51 @@ def test_storage_failing_mid_run_is_one_line_and_the_same_command_resumes(zoo, t
     assert {t.number: t.params for t in trials if t.number in kept} == kept
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert sum(t.state == TrialState.COMPLETE for t in trials) == len(kept) + 3
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent via prctl (Linux)")
+def test_sigkilled_search_leaves_no_workers_and_the_same_command_resumes(zoo, tmp_path):
+    """With --workers 2 the search spawns worker processes; SIGKILL of the search used to leave them running
+    (a resumed search then ran beside them, doubling memory on a GPU). They now stop with it."""
+    budget = 14
+    path = write_study(tmp_path, zoo, trials=budget, sampler="random", holdout=0.0, n_items=16,
+                       granularity="global")
+    args = [sys.executable, "-m", "search.cli", "search", str(path), "--workers", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MERGESEARCH_HEARTBEAT": "1"}
+    search = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = load_study(path)
+    workers: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and search.poll() is None:
+        try:
+            trials = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url()).get_trials() \
+                if (cfg.output_dir / "study.db").exists() else []
+        except KeyError:
+            trials = []
+        workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}
+        if len(workers) == 2 and sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
+            break
+        time.sleep(0.2)
+    assert search.poll() is None and len(workers) == 2, "the workers did not start trials in time"
+    os.kill(search.pid, signal.SIGKILL)
+    search.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _running(pid)], "workers outlived the killed search"
+
+    resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    trials = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url()).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == budget
