@@ -208,9 +208,12 @@ class MergeEngine:
         t0 = time.perf_counter()
         for task, inputs, target in zip(self.plan, self._inputs, self._targets):
             merged = self._merge(task, inputs, config, seed)
-            if check_finite and not bool(torch.isfinite(merged).all()):
-                raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}")
             target.copy_(merged)
+            # Checked in the live model's dtype: a finite merge can still overflow on the cast to out_dtype.
+            if check_finite and not bool(torch.isfinite(target).all()):
+                why = "" if not bool(torch.isfinite(merged).all()) else (
+                    f" (overflow on the cast from {self.compute_dtype} to {self.out_dtype})")
+                raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}{why}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last = MaterializeStats(time.perf_counter() - t0, len(self.plan))

@@ -115,7 +115,15 @@ class ModelSource:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-                raise MergeConfigError(f"cannot read {file.name}: {err}", f"model {self.ref}") from None
+                text = str(err)
+                if "Weights only load failed" in text:   # torch's advice (weights_only=False) is not ours
+                    found = re.search(r"GLOBAL (\S+)", text)
+                    raise MergeConfigError(
+                        f"refused {file.name}: it holds objects besides tensors"
+                        f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded",
+                        f"model {self.ref}") from None
+                first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+                raise MergeConfigError(f"cannot read {file.name}: {first}", f"model {self.ref}") from None
             for name, tensor in state.items():
                 self._pickled[name] = tensor
                 weight_map[name] = file
@@ -207,12 +215,14 @@ def _itemsize(dtype: torch.dtype) -> int:
 def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) -> None:
     """Sources must share architecture, vocabulary size and (unless slicing) tensor names and shapes.
 
-    Raises MergeConfigError naming the first model and tensor that disagree with the first source.
+    Raises MergeConfigError naming the first model and tensor that disagree with the reference source:
+    the one whose tensor names and shapes most sources share (ties: the earlier one), so that the model
+    at fault is named, not the first one listed.
     """
-    refs = list(sources)
-    first = sources[refs[0]]
-    for ref in refs[1:]:
-        other = sources[ref]
+    first = _reference(sources) if same_layers else next(iter(sources.values()))
+    for ref, other in sources.items():
+        if other is first:
+            continue
         where = f"model {ref}"
         if other.architecture != first.architecture:
             raise MergeConfigError(
@@ -228,6 +238,18 @@ def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) 
                 f"has {other.num_layers} layers, {first.ref} has {first.num_layers} (use slices to merge "
                 "different depths)", where)
         _check_tensor_sets(first, other)
+
+
+def _reference(sources: dict[str, ModelSource]) -> ModelSource:
+    """The source whose (architecture, vocab, tensor names and shapes) most sources share."""
+    def key(s: ModelSource):
+        return (s.architecture, s.vocab_size,
+                frozenset((n, m.shape) for n, m in s.meta.items() if n not in _tied_head(s) and n != "lm_head.weight"))
+
+    keys = [key(s) for s in sources.values()]
+    counts = {k: keys.count(k) for k in keys}
+    best = max(counts.values())
+    return next(s for s, k in zip(sources.values(), keys) if counts[k] == best)
 
 
 def _check_tensor_sets(first: ModelSource, other: ModelSource) -> None:

@@ -160,7 +160,9 @@ class AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
         except OSError as err:
-            raise MergeConfigError(f"cannot create the output folder: {err.strerror}", str(target)) from None
+            blocker = next((p for p in self.target.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a folder" if blocker is not None else err.strerror
+            raise MergeConfigError(f"cannot create the output folder: {why}", str(target)) from None
 
     def __enter__(self) -> Path:
         return self.tmp

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from search import __version__
@@ -122,6 +123,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def one_line(message: str) -> str:
+    """A message on one line: wrapped library messages (YAML, JSON, safetensors) have line breaks."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = _parser()
@@ -134,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(signal, "SIGXFSZ"):
+        # Over a file-size limit (ulimit -f) a write then fails with EFBIG, reported like a full disk,
+        # instead of the signal killing the process mid-write without a word.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return _dispatch(args) or 0
     except _user_errors() as err:
         if args.verbose:
             raise
-        print(f"mergesearch {args.command}: error: {err}", file=sys.stderr)
+        print(f"mergesearch {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print(f"mergesearch {args.command}: interrupted", file=sys.stderr)

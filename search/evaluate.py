@@ -60,7 +60,11 @@ def read_evaluation_block(path: Path) -> EvaluationConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EvalError("file not found", str(path)) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise EvalError(f"invalid YAML: {problem}", f"{path}:{mark.line + 1}" if mark else str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
         raise EvalError(f"cannot read YAML: {err}", str(path)) from None
     if not isinstance(data, dict) or "evaluation" not in data:
         raise EvalError("has no `evaluation:` block", str(path))
@@ -97,9 +101,16 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
     if not any(folder.glob("*.safetensors")):
         raise EvalError("no .safetensors weights (pickle .bin checkpoints are refused)", str(folder))
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise EvalError(f"unreadable config.json: {err}", str(folder)) from None
+    if model_type not in CONFIG_MAPPING:   # only the folder's own code could load it: never run
+        raise EvalError(f"unsupported model_type {model_type!r} (loading it would run code from the model "
+                        "folder, which mergesearch never does)", str(folder))
     hf_logging.disable_progress_bar()
     dtype = torch.float32 if device == "cpu" else "auto"
     try:

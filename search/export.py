@@ -9,7 +9,7 @@ import datetime as dt
 import fcntl
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from search import StudyError
@@ -18,26 +18,46 @@ BEST_CONFIG = "best_config.yaml"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old or the new file, never a partial one."""
+    """Write `text` to `path` so readers see the old or the new file, never a partial one.
+
+    A failed write (disk full, file too large, not a folder, read-only) leaves the old file as it was and
+    raises StudyError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise StudyError(f"cannot write: {err.strerror or err}", str(path)) from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise StudyError(f"cannot write: {err.strerror or err}", str(path)) from None
         raise
+
+
+def remove_temp_files(path: Path) -> None:
+    """Delete what atomic writes of `path` killed half-way left behind. Call it only while holding the lock
+    that every writer of `path` holds (another writer's temp file would vanish under it)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 @contextmanager
 def folder_lock(folder: Path, name: str = ".lock"):
     """An exclusive inter-process lock on a file in `folder` (workers on one machine)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / name, "a+") as handle:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / name, "a+")
+    except OSError as err:
+        raise StudyError(f"output folder is not writable: {err.strerror or err}", str(folder)) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -67,12 +87,13 @@ def trial_config_yaml(trial) -> str:
 
 def write_best_config(output_dir: Path, trial, split: str, study_name: str, score: float | None = None,
                       scores: dict[str, float] | None = None, extra: dict | None = None) -> Path:
-    """Rewrite output_dir/best_config.yaml atomically for `trial`."""
+    """Rewrite output_dir/best_config.yaml atomically for `trial` (hold the folder's .best.lock)."""
     if score is None:
         score = trial.user_attrs.get("score", trial.values[0] if trial.values else None)
     scores = scores if scores is not None else trial.user_attrs.get("scores", {})
     text = config_header(trial.number, score, scores, split, study_name, extra) + trial_config_yaml(trial)
     path = Path(output_dir) / BEST_CONFIG
+    remove_temp_files(path)
     atomic_write_text(path, text)
     return path
 
@@ -105,9 +126,7 @@ def export_command(args) -> int:
     trial, split, score, scores = choose_trial(study, args.trial)
     out = Path(args.out) if args.out else study_cfg.output_dir / BEST_CONFIG
     text = config_header(trial.number, score, scores, split, study_cfg.name) + trial_config_yaml(trial)
-    atomic_write_text(out, text)
-    console.print(f"trial {trial.number} ({split} score {score:.4f}) -> {out}")
-    if args.write_model:
+    if args.write_model:   # the model first: if it fails (disk full), neither output has changed
         import yaml
 
         config = parse_config(yaml.safe_load(trial_config_yaml(trial)), where=f"trial {trial.number}",
@@ -116,6 +135,9 @@ def export_command(args) -> int:
         folder = merge_to_folder(config, Path(args.write_model), device=args.device, seed=study_cfg.seed,
                                  card_extra=scores_card(trial, held), force=True)
         console.print(f"merged model -> {folder}")
+    with folder_lock(out.parent, ".best.lock") if out.name == BEST_CONFIG else nullcontext():
+        atomic_write_text(out, text)
+    console.print(f"trial {trial.number} ({split} score {score:.4f}) -> {out}")
     return 0
 
 

@@ -7,19 +7,23 @@ or scores by itself (TrialRunner does).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from search import StudyError
@@ -39,13 +43,12 @@ HEARTBEAT_S = max(1, int(os.environ.get("MERGESEARCH_HEARTBEAT", "10")))
 GRACE_S = 3 * HEARTBEAT_S
 MAX_RETRY = 3
 SPACE_ATTR = "mergesearch_space"
+SEEDED_ATTR = "mergesearch_seeded"
 
 
 # ---- storage and study -----------------------------------------------------------------------------
 def make_storage(url: str):
     """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     try:
         if url.endswith((".log", ".journal")) and "://" not in url:
             from optuna.storages.journal import JournalFileBackend
@@ -54,7 +57,7 @@ def make_storage(url: str):
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+            heartbeat_stale_trial_callback=retry_trial)
         if url.startswith("sqlite"):
             _sqlite_wal(storage.engine)
         return storage
@@ -203,21 +206,36 @@ class Budget:
         return self.deadline is None or time.time() < self.deadline
 
 
-def fail_dead_local_trials(study: optuna.Study) -> None:
-    """RUNNING trials whose worker was a process on this machine that no longer exists (killed, crashed)
-    fail now and are retried, instead of waiting for their heartbeat to go stale."""
+def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
+    stamp: until its new worker stamps it, a popped retry must look unstamped (see fail_dead_local_trials)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    trial = copy.deepcopy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def fail_dead_local_trials(study: optuna.Study) -> None:
+    """RUNNING trials whose worker is gone fail now and are retried, instead of waiting for a heartbeat.
+
+    Gone: a process on this machine that no longer exists (killed, crashed), or no worker stamp at all.
+    Workers ask for a trial and stamp it under the budget locks that the caller holds, so an unstamped
+    RUNNING trial belongs to a worker that died inside ask(); it has no heartbeat either, so Optuna's
+    stale-trial check would never fail it and the budget would wait for it for ever.
+    """
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        name, _, pid = worker.rpartition(":")
-        if name != host or not pid.isdigit() or _alive(int(pid)):
-            continue
+        worker = t.user_attrs.get("worker")
+        if worker is not None:
+            name, _, pid = worker.rpartition(":")
+            if name != host or not pid.isdigit() or _alive(int(pid)):
+                continue
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, study._storage.get_trial(t._trial_id))
-                log.warning("trial %d: its worker %s is gone; retrying it", t.number, worker)
+                retry_trial(study, study._storage.get_trial(t._trial_id))
+                log.warning("trial %d: its worker %s is gone; retrying it", t.number,
+                            worker or "(died while asking for it)")
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
@@ -249,7 +267,12 @@ def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> op
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             return "wait" if running else "budget"
         trial = study.ask()
-        trial.set_user_attr("worker", worker_id())   # inside the lock: a retried trial carries a dead one's
+        # Still inside the locks: first heartbeat, then the worker stamp. Whenever this process dies, its
+        # trial is unstamped (failed by the next fail_dead_local_trials) or stamped with a heartbeat
+        # (failed by the dead-pid check or, from another machine, once the heartbeat is stale).
+        if isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage):
+            study._storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr("worker", worker_id())
         return trial
 
 
@@ -290,15 +313,16 @@ class _advisory_lock:
 
 # ---- one worker ----------------------------------------------------------------------------------------
 def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, device: str | None,
-               stop: threading.Event, on_trial=None) -> None:
-    """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml."""
+               stop: threading.Event, on_trial=None, runner=None) -> None:
+    """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml.
+    `runner`: a TrialRunner built with `stop` (default: build one here)."""
     from optuna.storages._heartbeat import get_heartbeat_thread
 
     from search.objective import Interrupted, TrialRunner, fault_reason
 
     space = SearchSpace(study_cfg)
     study = open_study(study_cfg, storage_url, space=space)
-    runner = TrialRunner(study_cfg, space, device=device, stop=stop)
+    runner = runner or TrialRunner(study_cfg, space, device=device, stop=stop)
     while not stop.is_set():
         trial = ask_within_budget(study, budget, study_cfg.output_dir)
         if trial == "wait":
@@ -355,17 +379,34 @@ def maybe_write_best(study: optuna.Study, study_cfg: StudyConfig, trial=None) ->
 
 
 def _worker_main(study_path: str, storage_url: str | None, budget: Budget, device: str | None,
-                 index: int) -> None:
+                 index: int, parent: int | None = None) -> None:
     """Entry point of a spawned worker process."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _stop_with_parent(parent)
     if device and device.startswith("cuda") and ":" not in device:
         import torch
 
         if torch.cuda.device_count() > 1:
             device = f"cuda:{index % torch.cuda.device_count()}"
     run_worker(load_study(study_path), storage_url, budget, device, stop)
+
+
+def _stop_with_parent(parent: int | None) -> None:
+    """Linux: have the kernel send this worker SIGTERM when the search that spawned it dies, even by SIGKILL,
+    so a killed search leaves no workers running (a resumed one would otherwise run beside them). The
+    worker then stops like on Ctrl-C: its running trial is queued again."""
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:      # the search died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -390,38 +431,78 @@ def search_command(args) -> int:
 def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | None, storage_url: str | None = None,
                workers: int = 1, device: str | None = None, new_study: bool = False, progress=None) -> int:
     """Run (or resume) the study to its budget, then finalize; returns the exit status."""
+    from search.objective import TrialRunner, check_inputs
     from search.progress import SearchProgress
 
     progress = progress or SearchProgress(False)
+    _check_writable(study_cfg.output_dir)
     space = SearchSpace(study_cfg)
+    # Every user error (a model, a task file, the storage, a changed space) is raised before anything in
+    # the storage or output_dir changes: cheap input checks, the storage, then the resident runner.
+    check_inputs(study_cfg, space)
     study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
-    if not study.trials:
-        for label, genome in space.seed_genomes():
-            study.enqueue_trial(genome, user_attrs={"seed": label})
-    maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
-    budget = Budget(trials, time.time() + timeout if timeout else None)
     stop = threading.Event()
+    runner = TrialRunner(study_cfg, space, device=device, stop=stop) if workers == 1 else None
+    budget = Budget(trials, time.time() + timeout if timeout else None)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with progress.running(study, study_cfg, trials, timeout):
-            if workers == 1:
-                run_worker(study_cfg, storage_url, budget, device, stop,
-                           on_trial=lambda s, t: progress.trial_done(s, t))
-            else:
-                _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
-        if stop.is_set():
-            progress.note("stopping: interrupted, writing outputs")
-        finalize(study_cfg, study, space, device, progress)
+        with storage_failures(study_cfg.storage_url(storage_url)):
+            seed_study(study, space)
+            maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
+            _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress,
+                              runner, trials, timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 130 if stop.is_set() else 0
 
 
+def _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress, runner,
+                      trials, timeout) -> None:
+    with progress.running(study, study_cfg, trials, timeout):
+        if workers == 1:
+            run_worker(study_cfg, storage_url, budget, device, stop,
+                       on_trial=lambda s, t: progress.trial_done(s, t), runner=runner)
+        else:
+            _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
+    if stop.is_set():
+        progress.note("stopping: interrupted, writing outputs")
+    finalize(study_cfg, study, space, device, progress, runner=runner)
+
+
+@contextmanager
+def storage_failures(url: str):
+    """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
+    traceback: what it had stored is kept, and the same command resumes once it works again."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise StudyError(f"the storage failed: {text} (trials stored so far are kept; fix it and run the "
+                         "same command to resume)", _redact(url)) from None
+
+
+def seed_study(study: optuna.Study, space: SearchSpace) -> None:
+    """Queue the seed trials (parents, uniform, defaults) once per study. A start killed while queueing
+    them queues the missing ones when resumed."""
+    if study.user_attrs.get(SEEDED_ATTR):
+        return
+    present = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)}
+    for label, genome in space.seed_genomes():
+        if label not in present:
+            study.enqueue_trial(genome, user_attrs={"seed": label})
+    study.set_user_attr(SEEDED_ATTR, True)
+
+
 def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study) -> None:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i),
-                         daemon=False) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i,
+                                                    os.getpid()), daemon=False) for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -442,15 +523,17 @@ def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progre
 
 
 # ---- the end of a run --------------------------------------------------------------------------------------
-def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, device: str | None, progress) -> None:
-    """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report."""
+def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, device: str | None, progress,
+             runner=None) -> None:
+    """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report.
+    `runner`: the search's TrialRunner, reused for the re-evaluation (default: build one)."""
     from search.report import write_report
 
     top = top_trials(study, study_cfg.top_k)
     if top and study_cfg.evaluation.has_holdout:
         seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if "seed" in t.user_attrs and t.number not in {x.number for x in top}]
-        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress)
+        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress, runner=runner)
     held = holdout_results(study)
     if held:
         winner = max(held, key=lambda n: (held[n]["score"], -n))
@@ -471,7 +554,7 @@ def top_trials(study: optuna.Study, k: int) -> list:
 
 
 def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, trials: list,
-                       device: str | None, progress) -> None:
+                       device: str | None, progress, runner=None) -> None:
     """Score the given trials on the held-out split (skipping ones already done); store in the study."""
     import yaml
 
@@ -483,7 +566,7 @@ def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: Searc
     if not todo:
         return
     progress.note(f"held-out re-evaluation of the top {len(trials)} trials")
-    runner = TrialRunner(study_cfg, space, device=device)
+    runner = runner or TrialRunner(study_cfg, space, device=device)
     for trial in todo:
         config = parse_config(yaml.safe_load(trial.user_attrs["config"]), where=f"trial {trial.number}",
                               base_dir=study_cfg.base_dir)

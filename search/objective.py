@@ -32,10 +32,15 @@ def fault_reason(err: BaseException) -> str | None:
     import torch
 
     from evaluators import EvalError
+    from merge_core import MergeConfigError
     from merge_core.engine import NonFiniteMerge
 
     if isinstance(err, NonFiniteMerge):
         return f"non-finite merge: {err}"
+    if isinstance(err, MergeConfigError):
+        # The engine was built from this study's merge, so within a trial only the candidate's values can
+        # be at fault (e.g. della's density + epsilon >= 1): this candidate fails, the study goes on.
+        return f"invalid merge parameters: {err}"
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
         return f"out of memory: {str(err).splitlines()[0][:200]}"
     if isinstance(err, EvalError):
@@ -43,6 +48,20 @@ def fault_reason(err: BaseException) -> str | None:
     if isinstance(err, TrialFault):
         return str(err)
     return None
+
+
+def check_inputs(study: StudyConfig, space: SearchSpace) -> None:
+    """The cheap half of building a TrialRunner, run before the storage or output_dir is touched: every
+    model folder opens (safetensors headers only) and agrees with the others, every local task file parses.
+    Raises the same one-line user errors (MergeConfigError, EvalError) the runner would."""
+    from evaluators.tasks import LOCAL_KINDS, load_items
+    from merge_core.engine import open_sources, plan_for
+
+    config = space.config(space.constant(space.default_values()))
+    plan_for(config, open_sources(config))
+    for spec in study.evaluation.tasks:
+        if spec.kind in LOCAL_KINDS:
+            load_items(spec)
 
 
 class TrialRunner:

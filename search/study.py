@@ -108,10 +108,12 @@ def _mapping(value: Any, where: str) -> dict:
 
 
 def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
+    """`where` names the mapping: 'file.yaml: budget' (its keys are budget.KEY) or 'file.yaml:' (top level)."""
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise StudyError(f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})",
-                         f"{where}.{unknown[0]}" if where else unknown[0])
+        key = unknown[0]
+        raise StudyError(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})",
+                         f"{where} {key}" if where.endswith(":") else f"{where}.{key}" if where else key)
 
 
 def _bounds(value: Any, where: str) -> tuple[float, float]:
@@ -154,16 +156,16 @@ def parse_space(data: Any, where: str) -> SpaceConfig:
                        per_model=bool(data.get("per_model", True)))
 
 
-def parse_named(data: Any, where: str, allowed: tuple[str, ...], default: str) -> tuple[str, dict]:
-    """`{name: x, ...options}` or a bare name -> (name, options)."""
+def parse_named(data: Any, where: str, allowed: tuple[str, ...], default: str, file: str = "") -> tuple[str, dict]:
+    """`{name: x, ...options}` or a bare name -> (name, options). `file` prefixes locations ('x.yaml: ')."""
     if data is None:
         return default, {}
     if isinstance(data, str):
         data = {"name": data}
-    data = dict(_mapping(data, where))
+    data = dict(_mapping(data, f"{file}{where}"))
     name = str(data.pop("name", default))
     if name not in allowed:
-        raise StudyError(f"unknown {where} {name!r} (one of: {', '.join(allowed)})", f"{where}.name")
+        raise StudyError(f"unknown {where} {name!r} (one of: {', '.join(allowed)})", f"{file}{where}.name")
     return name, data
 
 
@@ -175,7 +177,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
 
     where = path.name
     data = _mapping(data, where)
-    _reject_unknown(data, TOP_LEVEL_KEYS, "")
+    _reject_unknown(data, TOP_LEVEL_KEYS, f"{where}:")
     name = data.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError("needs a name made of letters, digits, '.', '_' or '-'", f"{where}: name")
@@ -193,9 +195,9 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     evaluation = parse_evaluation_block(_mapping(data["evaluation"], f"{where}: evaluation"), base_dir,
                                         where=f"{where}: evaluation")
     seed = int(data.get("seed", 0))
-    s_name, s_opts = parse_named(data.get("sampler"), "sampler", SAMPLERS, "tpe")
+    s_name, s_opts = parse_named(data.get("sampler"), "sampler", SAMPLERS, "tpe", f"{where}: ")
     s_seed = int(s_opts.pop("seed", seed))
-    p_name, p_opts = parse_named(data.get("pruner"), "pruner", PRUNERS, "none")
+    p_name, p_opts = parse_named(data.get("pruner"), "pruner", PRUNERS, "none", f"{where}: ")
     budget = _mapping(data.get("budget"), f"{where}: budget")
     _reject_unknown(budget, {"trials", "timeout"}, f"{where}: budget")
     trials = budget.get("trials")
