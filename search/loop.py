@@ -444,7 +444,7 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
     stop = threading.Event()
     runner = TrialRunner(study_cfg, space, device=device, stop=stop) if workers == 1 else None
     budget = Budget(trials, time.time() + timeout if timeout else None)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, _stop_handler(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with storage_failures(study_cfg.storage_url(storage_url)):
             seed_study(study, space)
@@ -457,6 +457,17 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
     return 130 if stop.is_set() else 0
 
 
+def _stop_handler(stop: threading.Event):
+    """First signal: finish cleanly (the running trial is queued again, outputs are written). A second one
+    while outputs are being written skips what is left of the held-out re-evaluation."""
+    def handle(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    return handle
+
+
 def _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress, runner,
                       trials, timeout) -> None:
     with progress.running(study, study_cfg, trials, timeout):
@@ -466,7 +477,7 @@ def _run_and_finalize(study_cfg, study, space, storage_url, budget, device, work
         else:
             _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
     if stop.is_set():
-        progress.note("stopping: interrupted, writing outputs")
+        progress.note("stopping: interrupted, writing outputs (Ctrl-C again to skip the held-out re-evaluation)")
     finalize(study_cfg, study, space, device, progress, runner=runner)
 
 
@@ -533,7 +544,10 @@ def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, de
     if top and study_cfg.evaluation.has_holdout:
         seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if "seed" in t.user_attrs and t.number not in {x.number for x in top}]
-        reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress, runner=runner)
+        try:
+            reevaluate_holdout(study_cfg, study, space, top + seeds, device, progress, runner=runner)
+        except KeyboardInterrupt:
+            progress.note("held-out re-evaluation cut short (interrupted again); exporting what was scored")
     held = holdout_results(study)
     if held:
         winner = max(held, key=lambda n: (held[n]["score"], -n))
