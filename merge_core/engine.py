@@ -181,7 +181,7 @@ class MergeEngine:
         store = "cpu" if self.offload else self.device
         read: dict[tuple[str, str], torch.Tensor] = {}
         inputs = []
-        for task in self.plan:
+        for task, target in zip(self.plan, self._targets):
             tensors = []
             for ref, name in task.sources:
                 key = (ref, name)
@@ -192,6 +192,7 @@ class MergeEngine:
             item = TensorInputs(task.out_name, [ref for ref, _ in task.sources], tensors, task.base_index)
             if self.method.delta_based:
                 item.drop_raw()
+            item.out = target           # methods that can write the merge straight into the live parameter
             inputs.append(item)
         return inputs
 
@@ -210,7 +211,8 @@ class MergeEngine:
             merged = self._merge(task, inputs, config, seed)
             if check_finite and not bool(torch.isfinite(merged).all()):
                 raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}")
-            target.copy_(merged)
+            if merged is not target:
+                target.copy_(merged)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last = MaterializeStats(time.perf_counter() - t0, len(self.plan))

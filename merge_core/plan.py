@@ -271,7 +271,8 @@ def merge_one(task: TensorTask, inputs: TensorInputs, cfg: MergeConfig, method: 
               ) -> torch.Tensor:
     """Merge one output tensor: resolve its parameters, seed a generator for random methods, call the method.
 
-    The result is a fresh tensor in the inputs' dtype; the inputs are not modified (their memo may grow).
+    The result is a fresh tensor in the inputs' dtype, or `inputs.out` when the method wrote it there; the
+    inputs are not modified (their memo may grow).
     With seed None a random method draws a fresh seed.
     """
     params, model_params = resolve_tensor_params(cfg, method, task)

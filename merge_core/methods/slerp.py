@@ -34,11 +34,12 @@ def merge_slerp(inputs: TensorInputs, params: dict, model_params: list[dict], ge
     other = 1 - inputs.base_index
     base, delta = inputs.base, inputs.deltas[0]
     theta = inputs.cached("slerp_angle", lambda: _angle(base, inputs.tensors[other]))
+    out = inputs.new_output(base)
     if theta is None:
-        return torch.add(base, delta, alpha=t)
+        return torch.add(base, delta, alpha=t, out=out)
     sin = math.sin(theta)
     c0, c1 = math.sin((1 - t) * theta) / sin, math.sin(t * theta) / sin
-    return torch.add(base * (c0 + c1), delta, alpha=c1)
+    return torch.mul(base, c0 + c1, out=out).add_(delta, alpha=c1)
 
 
 register(MergeMethod(
