@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -205,12 +206,15 @@ def write_model_folder(out_dir: Path, specs: list[TensorSpec], tensors: Iterable
 
 # ---- the streaming merge -------------------------------------------------------------------------
 def streamed_tensors(plan: list[TensorTask], read: Callable[[str, str], torch.Tensor], config: MergeConfig,
-                     out_dtype: torch.dtype, seed: int, prefetch: bool = True
+                     out_dtype: torch.dtype, seed: int, prefetch: bool = True, out_buffer: torch.Tensor | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge tensor by tensor: read the sources of one output tensor, merge, yield, forget.
 
     With `prefetch`, the next tensor's sources are read on a thread while this one merges (one extra
     tensor set in memory); without, peak memory is one tensor per source plus the output.
+    `out_buffer` (flat, in the compute dtype, as large as the largest output): methods that can write their
+    result there do (no fresh output memory per tensor); then a yielded tensor is only valid until the next
+    one is requested.
     """
     method = get_method(config.merge_method)
 
@@ -226,6 +230,9 @@ def streamed_tensors(plan: list[TensorTask], read: Callable[[str, str], torch.Te
             inputs = pending.result() if prefetch else gather(task)
             if prefetch and i + 1 < len(plan):
                 pending = pool.submit(gather, plan[i + 1])
+            if out_buffer is not None:
+                shape = inputs.tensors[0].shape
+                inputs.out = out_buffer[:shape.numel()].view(shape)
             merged = merge_one(task, inputs, config, method, seed)
             del inputs
             yield task.out_name, merged.to(out_dtype)
@@ -250,7 +257,9 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
     def read(ref: str, name: str) -> torch.Tensor:
         return sources[ref].read(name, compute, dev)
 
-    tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy)
+    largest = max((math.prod(spec.shape) for spec in specs), default=0)
+    buffer = torch.empty(largest, dtype=compute, device=dev)   # every merge written here, then to disk
+    tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy, out_buffer=buffer)
     if progress is not None:
         tensors = _counting(tensors, len(plan), progress)
     first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
