@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from merge_core.config import MergeConfig, config_to_dict
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, plan_merge
+from merge_core.plan import TensorTask, merge_one, one_thread_per_op, plan_merge
 from merge_core.sources import ModelSource, check_compatible, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -200,19 +201,36 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, config: MergeConfig | None = None, seed: int | None = None,
                     check_finite: bool = False):
-        """Write the merge described by `config` into the live model in place and return the model."""
+        """Write the merge described by `config` into the live model in place and return the model.
+
+        Each tensor is merged with single-threaded operations (`one_thread_per_op`); on CPU, as many tensors at
+        once as torch has threads.
+        """
         config = config or self.config
         if structure_of(config) != self._structure:
             raise MergeConfigError("this engine was built for a different merge (method, models, slices or "
                                    "dtypes changed); build a new engine", "config")
         seed = self.seed if seed is None else seed
         t0 = time.perf_counter()
-        for task, inputs, target in zip(self.plan, self._inputs, self._targets):
+        jobs = list(zip(self.plan, self._inputs, self._targets))
+
+        @torch.no_grad()   # grad mode is per thread
+        def write(job) -> None:
+            task, inputs, target = job
             merged = self._merge(task, inputs, config, seed)
             if check_finite and not bool(torch.isfinite(merged).all()):
                 raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}")
             if merged is not target:
                 target.copy_(merged)
+
+        with one_thread_per_op() as threads:
+            if threads > 1 and self.device.type == "cpu":
+                with ThreadPoolExecutor(threads) as pool:
+                    for _ in pool.map(write, jobs):
+                        pass
+            else:
+                for job in jobs:
+                    write(job)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last = MaterializeStats(time.perf_counter() - t0, len(self.plan))

@@ -23,7 +23,7 @@ import torch
 from merge_core.config import MergeConfig, dump_config, load_config
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one
+from merge_core.plan import TensorTask, merge_one, one_thread_per_op
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def streamed_tensors(plan: list[TensorTask], read: Callable[[str, str], torch.Te
 
     if not plan:
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool, one_thread_per_op():
         pending = pool.submit(gather, plan[0]) if prefetch else None
         for i, task in enumerate(plan):
             inputs = pending.result() if prefetch else gather(task)
