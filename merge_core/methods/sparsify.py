@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,9 +97,11 @@ class Keep:
     """The kept part of a task vector, span by span: `kept(x, lo)` for x = flat[lo:lo + len(x)].
 
     `cuts`: flat positions where the rule changes; callers split their spans there (see `base.spans`).
+    `l1`: sum |kept|, when the trim already computed it (else None).
     """
 
     cuts: tuple[int, ...] = ()
+    l1: float | None = None
 
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
         raise NotImplementedError
@@ -170,6 +173,7 @@ class MaskKeep(Keep):
     """Keep where a boolean mask (shaped like the task vector) is set."""
 
     mask: torch.Tensor
+    l1: float | None = None
 
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
         return x * self.mask.view(-1)[lo:lo + x.numel()].view(torch.uint8)   # x * bool is 3x slower on CPU
@@ -207,15 +211,34 @@ def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> 
 
 def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torch.Generator | None
                    ) -> Keep | None:
-    """DARE: keep each element with probability `density` (31-bit uniform integers: 5x cheaper than floats)."""
+    """DARE: keep each element with probability `density` (to 2^-31: a uniform 31-bit integer below a threshold).
+
+    Drawn span by span, noting sum |kept| on the way (the L1 rescale needs it before anything is combined).
+    """
     delta = inputs.deltas[j]
-    if density >= 1:
-        return None
     threshold = round(density * 2**31)
     if threshold >= 2**31:
         return None
-    draws = torch.empty(delta.shape, dtype=torch.int32, device=delta.device).random_(generator=generator)
-    return MaskKeep(draws < threshold)
+    flat = delta.reshape(-1)
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    draw = uniform_int31(generator, flat.device)
+    l1 = 0.0
+    for lo, hi in spans(flat):
+        kept = torch.lt(draw(hi - lo), threshold, out=mask[lo:hi])
+        l1 += float((flat[lo:hi] * kept.view(torch.uint8)).abs().sum())
+    return MaskKeep(mask.view(delta.shape), l1)
+
+
+def uniform_int31(generator: torch.Generator | None, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """A source of uniform int32 draws from [0, 2^31), reproducible from `generator`: draw(n) gives the next n.
+
+    On CPU the stream is numpy's SFC64 seeded by one draw of the generator: 0.7 ns a draw there, against 2.2 ns
+    for torch's mt19937 (the largest single cost of a DARE trial).
+    """
+    if device.type != "cpu":
+        return lambda n: torch.empty(n, dtype=torch.int32, device=device).random_(generator=generator)
+    bits = np.random.SFC64(int(torch.randint(0, 2**63 - 1, (), generator=generator)))
+    return lambda n: torch.from_numpy(bits.random_raw((n + 1) // 2).view(np.int32)[:n]).bitwise_and_(0x7FFFFFFF)
 
 
 def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, generator: torch.Generator | None
@@ -253,8 +276,10 @@ def l1_rescale(inputs: TensorInputs, j: int, keep: Keep | None) -> float:
     if keep is None:
         return 1.0
     before = inputs.cached(f"l1/{j}", lambda: float(inputs.deltas[j].abs().sum()))
-    flat = inputs.deltas[j].reshape(-1)
-    after = sum(float(keep.kept(flat[lo:hi], lo).abs().sum()) for lo, hi in spans(flat, keep.cuts))
+    after = keep.l1
+    if after is None:
+        flat = inputs.deltas[j].reshape(-1)
+        after = sum(float(keep.kept(flat[lo:hi], lo).abs().sum()) for lo, hi in spans(flat, keep.cuts))
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return before / after
