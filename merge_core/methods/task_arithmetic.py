@@ -62,28 +62,33 @@ def combine(inputs: TensorInputs, params: dict[str, Any], model_params: list[dic
     scratch = torch.empty(5, max((hi - lo for lo, hi in ranges), default=0), dtype=base.dtype, device=base.device)
     for lo, hi in ranges:
         kept = [d[lo:hi] if keep is None else keep.kept(d[lo:hi], lo) for d, keep in zip(flat_deltas, keeps)]
-        if consensus:
-            mixed = _elect(kept, weights, coeffs, params["normalize"], scratch[:, :hi - lo])
-            if lam != 1:
-                mixed.mul_(lam)
-        else:
+        if not consensus:
             mixed = torch.mul(kept[0], coeffs[0], out=scratch[0, :hi - lo])
             for k, c in zip(kept[1:], coeffs[1:]):
                 mixed.add_(k, alpha=c)
-        torch.add(flat_base[lo:hi], mixed, out=flat_out[lo:hi])
+            torch.add(flat_base[lo:hi], mixed, out=flat_out[lo:hi])
+            continue
+        twice_sum, twice_weight = _elect(kept, weights, coeffs, params["normalize"], scratch[:, :hi - lo])
+        if twice_weight is None:
+            torch.add(flat_base[lo:hi], twice_sum, alpha=lam / 2, out=flat_out[lo:hi])
+        else:
+            torch.addcdiv(flat_base[lo:hi], twice_sum, twice_weight, value=lam, out=flat_out[lo:hi])
     return out
 
 
 def _elect(kept: list[torch.Tensor], weights: list[float], coeffs: list[float], normalize: bool,
-           scratch: torch.Tensor) -> torch.Tensor:
+           scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TIES sign election with float accumulators instead of per-model boolean masks (much faster on CPU).
 
     With S_j = c_j * kept_j, the elected sign s = sign(sum_j S_j) (0 -> +) and g_j = sign(kept_j):
         sum_j S_j [sign S_j = s]  =  (sum_j S_j + s * sum_j |S_j|) / 2
         sum_j w_j [sign S_j = s]  =  (sum_j w_j g_j^2 + s * sum_j |w_j| g_j) / 2
-    (sign S_j = sign(w_j) g_j: the factors c_j / w_j are positive.) `scratch`: 5 buffers shaped like kept[0].
+    (sign S_j = sign(w_j) g_j: the factors c_j / w_j are positive.) Returns twice each (the second only when
+    normalizing; where it is 0 nothing agrees, the sum is 0 too, and it is made non-zero).
+    `scratch`: 5 buffers shaped like kept[0].
     """
-    total, size, count, lean, s = scratch.zero_()
+    total, size, count, lean = scratch[:4].zero_()
+    s = scratch[4]
     for k, w, c in zip(kept, weights, coeffs):
         total.add_(k, alpha=c)
         g = torch.sign(k)
@@ -92,15 +97,15 @@ def _elect(kept: list[torch.Tensor], weights: list[float], coeffs: list[float], 
             lean.add_(g, alpha=abs(w))
             count.addcmul_(g, g, value=w)
     torch.copysign(s.fill_(1), total, out=s)   # -0.0 only when every S_j is 0: then all terms vanish
-    mixed = size.mul_(s).add_(total)
+    twice_sum = total.addcmul_(size, s)
     if not normalize:
-        return mixed.mul_(0.5)
-    divisor = lean.mul_(s).add_(count)
+        return twice_sum, None
+    twice_weight = count.addcmul_(lean, s)
     if min(weights) > 0:
-        divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)   # 0 only where nothing agrees: mixed is 0 there
+        twice_weight.clamp_(min=torch.finfo(twice_weight.dtype).tiny)   # 0 only where nothing agrees
     else:
-        divisor.add_(1 - divisor.abs().sign())                 # 0 -> 1 (float math: bool masks are slow on CPU)
-    return mixed.div_(divisor)   # the halves cancel
+        twice_weight.add_(1 - twice_weight.abs().sign())   # 0 -> 1 (float math: bool masks are slow on CPU)
+    return twice_sum, twice_weight
 
 
 def _declare(name: str, trim: Trim | None, consensus: bool, normalize: bool, rescale: bool,
