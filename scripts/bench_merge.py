@@ -508,6 +508,7 @@ def main(argv=None) -> int:
         report = {
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                        "threads_of_started_processes": THREADS or "library default",
                         "load_avg_at_start": os.getloadavg()},
             "family": {"folder": str(root), "layers": layers, "hidden": base_cfg["hidden_size"],
                        "params": sum(_numel(m.shape) for m in source.meta.values()),
