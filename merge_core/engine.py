@@ -5,17 +5,19 @@ Per `materialize` call it does only merge arithmetic: no disk I/O, no new model 
 
 Memory (resident, per parameter of the model): bytes_per_param(compute dtype) x copies, where copies =
   delta methods (task_arithmetic, ties, dare_*, della*, breadcrumbs*, sce):  1 base + n task vectors
-      + n sorted |delta| copies for magnitude trims (ties, breadcrumbs*, della*)
+      + for magnitude trims (ties, breadcrumbs*) n rank orders of |delta|, 4 bytes a parameter each (int32),
+        for della* n row ranks (float32)
   other methods (linear, slerp, nuslerp, ...):  n + 1 raw tensors (+ small per-tensor statistics)
 plus the live model itself (1 copy, out dtype). E.g. ties over 2 fine-tunes of a 7B base in float16 on a GPU:
-2 bytes x 7e9 x (1 + 2 + 2 + 1) = 84 GB; with `offload=True` the inputs stay in CPU memory (pinned when
-a GPU is used) and only the live model (14 GB) plus one tensor's inputs at a time live on the GPU.
+2 bytes x 7e9 x (1 + 2 + 1) + 4 bytes x 7e9 x 2 = 112 GB; with `offload=True` the inputs stay in CPU memory
+(pinned when a GPU is used) and only the live model (14 GB) plus one tensor's inputs at a time live on the GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from merge_core.config import MergeConfig, config_to_dict
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, plan_merge
+from merge_core.plan import TensorTask, merge_one, one_thread_per_op, plan_merge
 from merge_core.sources import ModelSource, check_compatible, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,7 @@ class MergeEngine:
         store = "cpu" if self.offload else self.device
         read: dict[tuple[str, str], torch.Tensor] = {}
         inputs = []
-        for task in self.plan:
+        for task, target in zip(self.plan, self._targets):
             tensors = []
             for ref, name in task.sources:
                 key = (ref, name)
@@ -192,6 +194,7 @@ class MergeEngine:
             item = TensorInputs(task.out_name, [ref for ref, _ in task.sources], tensors, task.base_index)
             if self.method.delta_based:
                 item.drop_raw()
+            item.out = target           # methods that can write the merge straight into the live parameter
             inputs.append(item)
         return inputs
 
@@ -199,21 +202,39 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, config: MergeConfig | None = None, seed: int | None = None,
                     check_finite: bool = False):
-        """Write the merge described by `config` into the live model in place and return the model."""
+        """Write the merge described by `config` into the live model in place and return the model.
+
+        Each tensor is merged with single-threaded operations (`one_thread_per_op`); on CPU, as many tensors at
+        once as torch has threads.
+        """
         config = config or self.config
         if structure_of(config) != self._structure:
             raise MergeConfigError("this engine was built for a different merge (method, models, slices or "
                                    "dtypes changed); build a new engine", "config")
         seed = self.seed if seed is None else seed
         t0 = time.perf_counter()
-        for task, inputs, target in zip(self.plan, self._inputs, self._targets):
+        jobs = list(zip(self.plan, self._inputs, self._targets))
+
+        @torch.no_grad()   # grad mode is per thread
+        def write(job) -> None:
+            task, inputs, target = job
             merged = self._merge(task, inputs, config, seed)
-            target.copy_(merged)
+            if merged is not target:
+                target.copy_(merged)
             # Checked in the live model's dtype: a finite merge can still overflow on the cast to out_dtype.
             if check_finite and not bool(torch.isfinite(target).all()):
-                why = "" if not bool(torch.isfinite(merged).all()) else (
+                why = "" if merged is target or not bool(torch.isfinite(merged).all()) else (
                     f" (overflow on the cast from {self.compute_dtype} to {self.out_dtype})")
                 raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}{why}")
+
+        with one_thread_per_op() as threads:
+            if threads > 1 and self.device.type == "cpu":
+                with ThreadPoolExecutor(threads) as pool:
+                    for _ in pool.map(write, jobs):
+                        pass
+            else:
+                for job in jobs:
+                    write(job)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last = MaterializeStats(time.perf_counter() - t0, len(self.plan))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from merge_core.config import MergeConfig, dump_config, load_config
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one
+from merge_core.plan import TensorTask, merge_one, one_thread_per_op
 
 log = logging.getLogger(__name__)
 
@@ -207,30 +209,51 @@ def write_model_folder(out_dir: Path, specs: list[TensorSpec], tensors: Iterable
 
 # ---- the streaming merge -------------------------------------------------------------------------
 def streamed_tensors(plan: list[TensorTask], read: Callable[[str, str], torch.Tensor], config: MergeConfig,
-                     out_dtype: torch.dtype, seed: int, prefetch: bool = True
+                     out_dtype: torch.dtype, seed: int, prefetch: bool = True, out_numel: int | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merge tensor by tensor: read the sources of one output tensor, merge, yield, forget.
+    """Merge tensor by tensor and yield the results in plan order: read one tensor's sources, merge, yield, forget.
 
-    With `prefetch`, the next tensor's sources are read on a thread while this one merges (one extra
-    tensor set in memory); without, peak memory is one tensor per source plus the output.
+    With `prefetch`, the following tensors are read and merged on worker threads (as many at once as torch has
+    threads, at least 2; each merge's operations single-threaded, see `one_thread_per_op`) while the caller
+    writes this one; without, one tensor at a time: peak memory is one tensor per source plus the output.
+    `out_numel` (at least the largest output's numel): merges write into a few reused buffers of that size
+    instead of fresh tensors, so a yielded tensor is only valid until the next one is requested.
     """
     method = get_method(config.merge_method)
 
-    def gather(task: TensorTask) -> TensorInputs:
-        return TensorInputs(task.out_name, [ref for ref, _ in task.sources],
-                            [read(ref, name) for ref, name in task.sources], task.base_index)
+    @torch.no_grad()
+    def merge(task: TensorTask, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = TensorInputs(task.out_name, [ref for ref, _ in task.sources],
+                              [read(ref, name) for ref, name in task.sources], task.base_index)
+        if out_numel is not None:
+            like = inputs.tensors[0]
+            if buffer is None:
+                buffer = torch.empty(out_numel, dtype=like.dtype, device=like.device)
+            inputs.out = buffer[:like.numel()].view(like.shape)
+        return merge_one(task, inputs, config, method, seed).to(out_dtype), buffer
 
-    if not plan:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(gather, plan[0]) if prefetch else None
-        for i, task in enumerate(plan):
-            inputs = pending.result() if prefetch else gather(task)
-            if prefetch and i + 1 < len(plan):
-                pending = pool.submit(gather, plan[i + 1])
-            merged = merge_one(task, inputs, config, method, seed)
-            del inputs
-            yield task.out_name, merged.to(out_dtype)
+    with one_thread_per_op() as threads:
+        workers = max(2, threads) if prefetch else 1
+        free: list[torch.Tensor] = []          # output buffers whose tensor has been consumed
+        pending: deque = deque()
+        tasks = iter(plan)
+
+        def submit() -> None:
+            task = next(tasks, None)
+            if task is not None:
+                pending.append((task, pool.submit(merge, task, free.pop() if free else None)))
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in range(workers):
+                submit()
+            while pending:
+                task, future = pending.popleft()
+                merged, buffer = future.result()
+                yield task.out_name, merged
+                del merged
+                if buffer is not None:
+                    free.append(buffer)
+                submit()
 
 
 def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto", max_shard_bytes: int = 5 * 10**9,
@@ -252,7 +275,8 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
     def read(ref: str, name: str) -> torch.Tensor:
         return sources[ref].read(name, compute, dev)
 
-    tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy)
+    largest = max((math.prod(spec.shape) for spec in specs), default=0)
+    tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy, out_numel=largest)
     if progress is not None:
         tensors = _counting(tensors, len(plan), progress)
     first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))

@@ -6,7 +6,7 @@ Methods are pure functions over `TensorInputs`; they never read files or know ab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -22,7 +22,11 @@ class TensorInputs:
     stores with `cached(key, fn)` (sorted |delta|, norms, angles, ...) is computed once per study;
     the streaming writer builds a fresh one per tensor. After `drop_raw()`, non-base raw tensors are
     rebuilt from base + delta on demand (not kept), so delta-based methods hold base + deltas only.
+    `out`, when set (the engine sets the live parameter), is where a method may write its result instead of
+    into a new tensor (`new_output`); the inputs never alias it.
     """
+
+    out: torch.Tensor | None = None
 
     def __init__(self, name: str, models: list[str], tensors: list[torch.Tensor], base_index: int | None):
         if len(models) != len(tensors):
@@ -66,6 +70,14 @@ class TensorInputs:
             self.deltas  # noqa: B018 - computes and keeps them
             self._tensors = None
 
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped, typed and placed like `like` for the merged result: `out` when it fits, else new."""
+        out = self.out
+        if (out is not None and out.shape == like.shape and out.dtype == like.dtype and out.device == like.device
+                and out.is_contiguous()):
+            return out
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
     # ---- trial-independent statistics -----------------------------------------------------------
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """Memoize a statistic that depends only on the inputs (never on trial parameters)."""
@@ -81,6 +93,7 @@ class TensorInputs:
         copy._base = _move(self._base, device, non_blocking)
         copy._deltas = _move(self._deltas, device, non_blocking)
         copy._memo = {k: _move(v, device, non_blocking) for k, v in self._memo.items()}
+        copy.out = self.out
         return copy
 
     def keep_memo_from(self, other: "TensorInputs") -> None:
@@ -104,6 +117,21 @@ class TensorInputs:
                 if isinstance(t, torch.Tensor):
                     seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
+
+
+SPAN = 1 << 15   # elements per span on CPU: the few float buffers of one span's arithmetic stay in L2
+
+
+def spans(flat: torch.Tensor, cuts: Iterable[int] = ()) -> Iterator[tuple[int, int]]:
+    """[lo, hi) ranges covering the flat tensor in order, also split at `cuts`.
+
+    On CPU a span is at most SPAN long, so elementwise work done span by span runs in cache instead of making
+    one pass over memory per operation; on a GPU a span is the whole tensor (it streams memory fast enough).
+    """
+    n = flat.numel()
+    step = SPAN if flat.device.type == "cpu" else max(n, 1)
+    bounds = sorted({*range(0, n, step), *(c for c in cuts if 0 < c < n)})
+    return zip(bounds, bounds[1:] + [n])
 
 
 def _move(value: Any, device: torch.device | str, non_blocking: bool = False) -> Any:

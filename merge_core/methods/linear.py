@@ -14,7 +14,8 @@ def merge_linear(inputs: TensorInputs, params: dict, model_params: list[dict], g
     tensors = inputs.tensors
     weights = [p["weight"] for p in model_params]
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    out = torch.mul(tensors[0].to(dtype), weights[0])
+    first = tensors[0].to(dtype)
+    out = torch.mul(first, weights[0], out=inputs.new_output(first))
     for x, w in zip(tensors[1:], weights[1:]):
         out.add_(x, alpha=w)
     if params["normalize"]:
