@@ -54,20 +54,27 @@ CITIES = ["Paris", "Oslo", "Lima", "Rome", "Cairo", "Tokyo", "Berlin", "Madrid",
 JOBS = ["teacher", "doctor", "baker", "pilot", "nurse", "farmer", "writer", "chef", "lawyer", "painter",
         "engineer", "dentist", "plumber", "singer", "driver", "artist"]
 
-# (english, french, gender) ; plurals are regular (+s) except where given as a 4th field
+# (english, french, gender[, french plural[, english plural]]): regular plurals add -s
 NOUNS = [("cat", "chat", "m"), ("dog", "chien", "m"), ("house", "maison", "f"), ("car", "voiture", "f"),
          ("book", "livre", "m"), ("table", "table", "f"), ("flower", "fleur", "f"), ("bird", "oiseau", "m", "oiseaux"),
          ("door", "porte", "f"), ("hat", "chapeau", "m", "chapeaux"), ("chair", "chaise", "f"), ("ball", "balle", "f"),
          ("horse", "cheval", "m", "chevaux"), ("shirt", "chemise", "f"), ("boat", "bateau", "m", "bateaux"),
          ("apple", "pomme", "f"), ("tree", "arbre", "m"), ("bag", "sac", "m"), ("cup", "tasse", "f"),
-         ("bike", "vélo", "m")]
-# (english, m, f)  ; plural adds -s unless the form already ends in s/x
-COLOURS = [("red", "rouge", "rouge"), ("white", "blanc", "blanche"), ("black", "noir", "noire"),
-           ("green", "vert", "verte"), ("blue", "bleu", "bleue"), ("grey", "gris", "grise"),
-           ("yellow", "jaune", "jaune"), ("small", "petit", "petite"), ("big", "grand", "grande")]
+         ("bike", "vélo", "m"), ("pen", "stylo", "m"), ("window", "fenêtre", "f"), ("box", "boîte", "f", None, "boxes"),
+         ("glass", "verre", "m", None, "glasses"), ("plate", "assiette", "f"), ("coat", "manteau", "m", "manteaux"),
+         ("shoe", "chaussure", "f"), ("mouse", "souris", "f", "souris", "mice"), ("key", "clé", "f"),
+         ("train", "train", "m"), ("bottle", "bouteille", "f"), ("lamp", "lampe", "f"), ("wall", "mur", "m"),
+         ("bed", "lit", "m"), ("plane", "avion", "m")]
+# (english, masculine, feminine, goes before the noun); plurals add -s unless the form ends in s/x
+COLOURS = [("red", "rouge", "rouge", False), ("white", "blanc", "blanche", False), ("black", "noir", "noire", False),
+           ("green", "vert", "verte", False), ("blue", "bleu", "bleue", False), ("grey", "gris", "grise", False),
+           ("yellow", "jaune", "jaune", False), ("pink", "rose", "rose", False),
+           ("purple", "violet", "violette", False), ("small", "petit", "petite", True),
+           ("big", "grand", "grande", True), ("pretty", "joli", "jolie", True)]
 ARTICLES = {("the", "m", False): "le", ("the", "f", False): "la", ("the", "m", True): "les",
             ("the", "f", True): "les", ("a", "m", False): "un", ("a", "f", False): "une",
-            ("some", "m", True): "des", ("some", "f", True): "des"}
+            ("some", "m", True): "des", ("some", "f", True): "des", ("two", "m", True): "deux",
+            ("two", "f", True): "deux", ("three", "m", True): "trois", ("three", "f", True): "trois"}
 
 
 def math_example(rng: random.Random) -> tuple[str, int]:
@@ -132,23 +139,22 @@ def _plural(word: str) -> str:
 
 
 def french_example(rng: random.Random) -> tuple[str, str]:
-    noun = rng.choice(NOUNS)
-    en_noun, fr_noun, gender = noun[:3]
-    en_adj, fr_m, fr_f = rng.choice(COLOURS)
-    det = rng.choice(["the", "the", "a", "some"])
-    plural = det == "some" or (det == "the" and rng.random() < 0.5)
+    en_noun, fr_noun, gender, *more = rng.choice(NOUNS)
+    fr_plural = more[0] if more and more[0] else _plural(fr_noun)
+    en_plural = more[1] if len(more) > 1 else en_noun + "s"
+    en_adj, fr_m, fr_f, before = rng.choice(COLOURS)
+    det = rng.choice(["the", "the", "a", "some", "two", "three"])
+    plural = det in ("some", "two", "three") or (det == "the" and rng.random() < 0.5)
     adj = fr_m if gender == "m" else fr_f
     if plural:
-        fr_noun = noun[3] if len(noun) > 3 else _plural(fr_noun)
-        en_noun = en_noun + "s"
-        adj = _plural(adj)
+        fr_noun, en_noun, adj = fr_plural, en_plural, _plural(adj)
     article = ARTICLES[(det, gender, plural)]
-    if en_adj in ("small", "big"):          # petit / grand go before the noun
+    if before:                                  # petit / grand / joli go before the noun
         french = f"{article} {adj} {fr_noun}"
+    elif article in ("le", "la") and fr_noun[0] in "aeiouh":
+        french = f"l'{fr_noun} {adj}"           # l'arbre rouge
     else:
         french = f"{article} {fr_noun} {adj}"
-    if det == "the" and not plural and fr_noun[0] in "aeiouh" and en_adj not in ("small", "big"):
-        french = f"l'{fr_noun} {adj}"       # l'arbre rouge
     return f"English: {det} {en_adj} {en_noun}\nFrench:", french
 
 
@@ -175,46 +181,71 @@ class Skill:
     checkpoint_every: int = 0
     max_new_tokens: int = 32
 
+    @property
+    def n_train(self) -> int:
+        """Training pairs written: exactly the ones the run sees (one pass, fixed order)."""
+        return self.steps * self.batch
+
 
 SKILLS = {
-    "math": Skill("math", math_row, math_item, "multiple_choice", steps=80, lr=1e-4, checkpoint_every=16),
-    "json": Skill("json", json_row, json_item, "generate", steps=40, lr=1e-4, max_new_tokens=32),
-    "french": Skill("french", french_row, french_item, "generate", steps=60, lr=1e-4, max_new_tokens=12),
+    "math": Skill("math", math_row, math_item, "multiple_choice", steps=48, lr=2e-4, checkpoint_every=8),
+    "json": Skill("json", json_row, json_item, "generate", steps=24, lr=1e-4, max_new_tokens=32),
+    "french": Skill("french", french_row, french_item, "generate", steps=32, lr=1e-4, max_new_tokens=12),
 }
-N_TRAIN, N_TASK = 4000, 160
+N_TASK, N_TEST = 160, 100
 
 
 def _key(skill: Skill, row: dict) -> str:
     return row.get("prompt") or row["query"]
 
 
-def make_data(cache: Path, force: bool = False) -> dict:
-    """Training pairs and evaluation items per skill; evaluation prompts never occur in the training data."""
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _fresh_items(skill: Skill, rng: random.Random, n: int, exclude: set[str], prefix: str) -> list[dict]:
+    items: list[dict] = []
+    while len(items) < n:
+        item = skill.item(rng)
+        if _key(skill, item) not in exclude:
+            exclude.add(_key(skill, item))
+            items.append({"id": f"{prefix}-{len(items)}", **item})
+    return items
+
+
+def make_data(cache: Path, force: bool | set[str] = False) -> dict:
+    """Per skill: training pairs, evaluation items (the study splits them search / held-out) and a separate test
+    set that neither the search nor the held-out selection ever sees. No prompt occurs in two of the three."""
     out = {}
     for i, skill in enumerate(SKILLS.values()):
         train_path = cache / "data" / f"{skill.name}_train.jsonl"
         task_path = cache / "tasks" / f"{skill.name}.jsonl"
-        if train_path.is_file() and task_path.is_file() and not force:
-            out[skill.name] = {"train": str(train_path), "task": str(task_path), "cached": True}
-            continue
-        rng = random.Random(1000 + i)
-        items, seen = [], set()
-        while len(items) < N_TASK:
-            item = skill.item(rng)
-            if _key(skill, item) not in seen:
-                seen.add(_key(skill, item))
-                items.append({"id": f"{skill.name}-{len(items)}", **item})
-        train_rng = random.Random(2000 + i)
-        rows = []
-        while len(rows) < N_TRAIN:
-            row = skill.row(train_rng)
-            if row["prompt"] not in seen:
-                rows.append(row)
-        for path, data in ((train_path, rows), (task_path, items)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-        out[skill.name] = {"train": str(train_path), "task": str(task_path), "train_rows": len(rows),
-                           "task_items": len(items), "distinct_train_prompts": len({r["prompt"] for r in rows})}
+        test_path = cache / "tasks" / f"{skill.name}_test.jsonl"
+        redo = force is True or (isinstance(force, set) and skill.name in force)
+        if redo or not (train_path.is_file() and task_path.is_file()):
+            seen: set[str] = set()
+            items = _fresh_items(skill, random.Random(1000 + i), N_TASK, seen, skill.name)
+            train_rng = random.Random(2000 + i)
+            rows = []
+            while len(rows) < skill.n_train:
+                row = skill.row(train_rng)
+                if row["prompt"] not in seen:
+                    rows.append(row)
+            _write_jsonl(train_path, rows)
+            _write_jsonl(task_path, items)
+        if redo or not test_path.is_file():
+            exclude = {r["prompt"] for r in _read_jsonl(train_path)}
+            exclude |= {_key(skill, r) for r in _read_jsonl(task_path)}
+            _write_jsonl(test_path, _fresh_items(skill, random.Random(3000 + i), N_TEST, exclude, f"{skill.name}-test"))
+        rows, items, test = (_read_jsonl(p) for p in (train_path, task_path, test_path))
+        out[skill.name] = {"train": str(train_path), "task": str(task_path), "test": str(test_path),
+                           "train_rows": len(rows), "distinct_train_prompts": len({r["prompt"] for r in rows}),
+                           "task_items": len(items), "test_items": len(test)}
     return out
 
 
@@ -303,19 +334,6 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def task_specs(cache: Path, limit: int | None = None) -> list[dict]:
-    """The study's `evaluation.tasks` entries (absolute paths)."""
-    specs = []
-    for skill in SKILLS.values():
-        spec = {"name": skill.name, "kind": skill.kind, "path": str(cache / "tasks" / f"{skill.name}.jsonl")}
-        if skill.kind == "generate":
-            spec["max_new_tokens"] = skill.max_new_tokens
-        if limit:
-            spec["limit"] = limit
-        specs.append(spec)
-    return specs
-
-
 def evaluate(model_dir: Path, cache: Path, split: str = "holdout", threads: int = 2) -> dict:
     """Scores of one model folder on every task's `split` items (the study's holdout split)."""
     import torch
@@ -324,7 +342,7 @@ def evaluate(model_dir: Path, cache: Path, split: str = "holdout", threads: int 
 
     torch.set_num_threads(threads)
     model, tok = real_model.load(model_dir)
-    evaluation = parse_evaluation_block({"tasks": task_specs(cache), "holdout": HOLDOUT, "seed": 0})
+    evaluation = parse_evaluation_block({"tasks": task_entries(str(cache)), "holdout": HOLDOUT, "seed": 0})
     return _score(model, tok, evaluation, split)
 
 
@@ -349,52 +367,228 @@ HOLDOUT = 0.5
 
 
 # -------------------------------------------------------------------------------------------------- studies
-def write_studies(cache: Path, trials: int = 100, limit: int = 40) -> dict:
-    """`<cache>/studies/smollm2_search.yaml` and `smollm2_soup.yaml` with absolute paths into the cache."""
+SEARCH_TRIALS, SEARCH_LIMIT = 100, 40
+
+
+def task_entries(root: str, limit: int | None = None, skills=None) -> list[dict]:
+    """`evaluation.tasks` entries for the skills' task files under `root` (a path string, `~` allowed)."""
+    out = []
+    for skill in (SKILLS[s] for s in (skills or SKILLS)):
+        entry = {"name": skill.name, "kind": skill.kind, "path": f"{root}/tasks/{skill.name}.jsonl"}
+        if skill.kind == "generate":
+            entry["max_new_tokens"] = skill.max_new_tokens
+        if limit:
+            entry["limit"] = limit
+        out.append(entry)
+    return out
+
+
+def study_dicts(root: str, runs: str, trials: int = SEARCH_TRIALS, limit: int = SEARCH_LIMIT) -> dict[str, dict]:
+    """The search study and the soup over `root` (the cache); run folders under `runs`."""
+    search = {
+        "name": "smollm2-search",
+        "output_dir": f"{runs}/smollm2-search",
+        "merge": {"merge_method": "ties", "base_model": f"{root}/base",
+                  "models": [{"model": f"{root}/specialists/{s}"} for s in SKILLS], "dtype": "float32"},
+        "space": {"granularity": "anchors:4", "params": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
+        "evaluation": {"tasks": task_entries(root, limit), "holdout": HOLDOUT, "seed": 0},
+        "sampler": {"name": "cmaes", "seed": 0},
+        "pruner": {"name": "wilcoxon"},
+        "seed_trials": ["parents", "uniform"],
+        "budget": {"trials": trials, "timeout": "12h"},
+    }
+    soup = {
+        "name": "smollm2-soup",
+        "output_dir": f"{runs}/smollm2-soup",
+        "checkpoints": [f"{root}/checkpoints/math/checkpoint-*"],
+        "evaluation": {"tasks": task_entries(root, skills=["math"]), "holdout": HOLDOUT, "seed": 0},
+        "mode": "greedy",
+        "strict": True,
+        "dtype": "float32",
+    }
+    return {"smollm2_search": search, "smollm2_soup": soup}
+
+
+STUDY_HEADER = {
+    "smollm2_search": """\
+# TIES merge search over three real SmolLM2-135M-Instruct specialists (math, json, french), per-layer
+# (anchors:4 = 4 anchors per model and parameter, interpolated over the 30 layers by mergekit's gradient rule:
+# 24 genes), CMA-ES, Wilcoxon pruning; held-out half of each task never shown to the search.
+""",
+    "smollm2_soup": """\
+# Greedy soup (Wortsman et al. 2022) over the checkpoints of the math fine-tune of SmolLM2-135M-Instruct;
+# ingredients chosen on one half of the math items, the table reported on the other half.
+""",
+}
+
+
+def write_studies(cache: Path, trials: int = SEARCH_TRIALS, limit: int = SEARCH_LIMIT,
+                  folder: Path | None = None, root: str | None = None, runs: str | None = None) -> dict:
+    """Write the studies. Default: `<cache>/studies/` with absolute paths (runs in `<cache>/runs/`), ready
+    to run. With `folder`/`root`/`runs` (e.g. the repo's studies/ with root `~/.cache/mergesearch/smollm2`)
+    it writes the committed templates."""
     import yaml
 
-    folder = cache / "studies"
+    folder = folder or cache / "studies"
+    root = root or str(cache)
+    runs = runs or str(cache / "runs")
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {"name": "smollm2-search", "output_dir": str(cache / "runs" / "smollm2-search"),
-            "merge": {"merge_method": "ties", "base_model": str(real_model.base_dir(cache)),
-                      "models": [{"model": str(cache / "specialists" / s)} for s in SKILLS],
-                      "parameters": {"normalize": True}, "dtype": "float32"},
-            "space": {"granularity": "anchors:4", "params": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}},
-            "evaluation": {"tasks": task_specs(cache, limit), "holdout": HOLDOUT, "seed": 0},
-            "sampler": {"name": "cmaes", "seed": 0}, "pruner": {"name": "none"},
-            "seed_trials": ["parents", "uniform", "defaults"],
-            "budget": {"trials": trials, "timeout": "10h"}, "device": "auto"}
-    soup = {"name": "smollm2-soup", "output_dir": str(cache / "runs" / "smollm2-soup"),
-            "checkpoints": [str(cache / "checkpoints" / "math" / "checkpoint-*"), str(cache / "specialists" / "math")],
-            "evaluation": {"tasks": [t for t in task_specs(cache) if t["name"] == "math"],
-                           "holdout": HOLDOUT, "seed": 0},
-            "mode": "greedy", "strict": True, "dtype": "float32", "device": "auto"}
     paths = {}
-    for name, data in (("smollm2_search", spec), ("smollm2_soup", soup)):
+    for name, data in study_dicts(root, runs, trials, limit).items():
         path = folder / f"{name}.yaml"
-        path.write_text(f"# generated by scripts/real_specialists.py studies\n"
-                        + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+        path.write_text(STUDY_HEADER[name] + "# Generated by `python scripts/real_specialists.py studies`"
+                        " (see its docstring for the whole recipe).\n" + text)
         paths[name] = str(path)
     return paths
+
+
+# -------------------------------------------------------------------------------------------------- results
+def _test_evaluation(skills=None):
+    from evaluators.tasks import parse_evaluation_block
+
+    entries = [dict(e, path=e["path"].replace(".jsonl", "_test.jsonl")) for e in task_entries(str(CACHE), skills=skills)]
+    return parse_evaluation_block({"tasks": entries, "holdout": 0.0, "seed": 0})
+
+
+def _merged_scores(configs: dict[str, dict], base_dir: Path, evaluation) -> dict[str, dict]:
+    """Test-set scores of several merge configs of one shape, materialized in turn into one engine."""
+    from merge_core.config import parse_config
+    from merge_core.engine import MergeEngine
+
+    parsed = {k: parse_config(v, where=k, base_dir=base_dir) for k, v in configs.items()}
+    engine = MergeEngine(next(iter(parsed.values())), "cpu")
+    out = {}
+    for label, cfg in parsed.items():
+        model = engine.materialize(cfg)
+        out[label] = _score(model, engine.tokenizer, evaluation, "all")
+        print(f"  {label}: {out[label]}", flush=True)
+    return out
+
+
+def _loop_stats(study) -> dict:
+    """Where a trial's time goes. Pruned trials store no merge/eval seconds: the split uses complete ones; the
+    gap is the time between one trial's end and the next one's start (sampler ask/tell, storage)."""
+    import statistics
+
+    from optuna.trial import TrialState
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.datetime_complete]
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    dur = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in done}
+    inside = [dur[t.number] - t.user_attrs["merge_s"] - t.user_attrs["eval_s"] for t in complete]
+    gaps = [(b.datetime_start - a.datetime_complete).total_seconds() for a, b in zip(done, done[1:])]
+    wall = (done[-1].datetime_complete - done[0].datetime_start).total_seconds()
+    med = statistics.median
+    return {"trials": len(trials), "complete": len(complete),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials), "loop_wall_s": round(wall, 1),
+            "trial_s_median_complete": round(med(dur[t.number] for t in complete), 2),
+            "trial_s_median_pruned": round(med([dur[t.number] for t in done if t not in complete] or [0]), 2),
+            "merge_s_median": round(med(t.user_attrs["merge_s"] for t in complete), 2),
+            "eval_s_median": round(med(t.user_attrs["eval_s"] for t in complete), 2),
+            "in_trial_overhead_s_median": round(med(inside), 3),
+            "between_trials_s_median": round(med(gaps), 3) if gaps else None,
+            "overhead_fraction": round((sum(inside) + sum(gaps)) / wall, 4) if wall else None}
+
+
+def results(cache: Path, threads: int = 2) -> dict:
+    """Everything the results page needs, measured now: specialists, search and soup tables (JSON)."""
+    import optuna
+    import torch
+    import yaml
+
+    from search.loop import holdout_results
+    from search.study import load_study
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    test = _test_evaluation()
+    out: dict = {"specialists": {}, "search": {}, "soup": {}}
+    # 1. base and specialists on the test sets
+    for name in ["base", *SKILLS]:
+        folder = real_model.base_dir(cache) if name == "base" else cache / "specialists" / name
+        model, tok = real_model.load(folder)
+        row = {"test": _score(model, tok, test, "all")}
+        log_path = folder / "train_log.json"
+        if log_path.is_file():
+            log = json.loads(log_path.read_text())
+            row.update({k: log[k] for k in ("steps", "batch", "lr", "seconds")}, final_loss=log["losses"][-1])
+        out["specialists"][name] = row
+        print(f"  {name}: {row['test']}", flush=True)
+        del model
+    # 2. the search: search-split scores, the run's own held-out re-evaluation, test sets
+    study_path = cache / "studies" / "smollm2_search.yaml"
+    cfg = load_study(study_path)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
+    held = holdout_results(study)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    best_search = max(complete, key=lambda t: (t.user_attrs["score"], -t.number))
+    winner = study.user_attrs.get("holdout_winner")
+    rows = {}
+    for t in complete:
+        label = t.user_attrs.get("seed")
+        if t.number == winner:
+            label = f"best found (held-out winner, trial {t.number})"
+        elif t.number == best_search.number:
+            label = f"best on the search split (trial {t.number})"
+        if label:
+            rows[label] = {"trial": t.number, "search": t.user_attrs["scores"], "search_score": t.user_attrs["score"],
+                           "holdout": held.get(t.number, {}).get("scores"),
+                           "holdout_score": held.get(t.number, {}).get("score"),
+                           "config": yaml.safe_load(t.user_attrs["config"])}
+    merged = _merged_scores({k: v["config"] for k, v in rows.items()}, cfg.base_dir, test)
+    for k in rows:
+        rows[k]["test"] = merged[k]
+    out["search"] = {"rows": rows, "loop": _loop_stats(study), "winner": winner, "best_search": best_search.number}
+    # 3. the soup: its own table, and the test set for the soups and the single checkpoints
+    soup_dir = cache / "runs" / "smollm2-soup"
+    if (soup_dir / "soup_config.yaml").is_file():
+        math_test = _test_evaluation(["math"])
+        ckpts = sorted((cache / "checkpoints" / "math").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        configs = {p.name: {"merge_method": "linear", "dtype": "float32",
+                            "models": [{"model": str(p), "parameters": {"weight": 1.0}}] +
+                                      [{"model": str(q), "parameters": {"weight": 0.0}} for q in ckpts if q != p]}
+                   for p in ckpts}
+        configs["uniform soup"] = {"merge_method": "linear", "dtype": "float32",
+                                   "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts]}
+        greedy = yaml.safe_load((soup_dir / "soup_config.yaml").read_text())
+        chosen = {str(Path(m["model"])) for m in greedy["models"]}
+        configs["greedy soup"] = {"merge_method": "linear", "dtype": "float32",
+                                  "models": [{"model": str(p), "parameters": {"weight": 1.0 if str(p) in chosen else 0.0}}
+                                             for p in ckpts]}
+        out["soup"] = {"table": (soup_dir / "soup_table.md").read_text(), "greedy": sorted(chosen),
+                       "test": _merged_scores(configs, cache, math_test)}
+    path = cache / "results" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+CACHE = real_model.cache_dir()
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["data", "baseline", "train", "eval", "studies", "all"])
+    p.add_argument("command", choices=["data", "baseline", "train", "eval", "studies", "templates", "results", "all"])
     p.add_argument("names", nargs="*", help="skills (train) or model folders (eval)")
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="override a skill's steps (train)")
     p.add_argument("--split", default="holdout", choices=["search", "holdout", "all"])
-    p.add_argument("--trials", type=int, default=100, help="search budget written into the study")
-    p.add_argument("--limit", type=int, default=40, help="items per split and task during the search")
+    p.add_argument("--trials", type=int, default=SEARCH_TRIALS, help="search budget written into the study")
+    p.add_argument("--limit", type=int, default=SEARCH_LIMIT, help="items per split and task during the search")
     p.add_argument("--force", action="store_true", help="redo cached steps")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     cache = args.cache or real_model.cache_dir()
+    global CACHE
+    CACHE = cache
     if args.command in ("data", "all"):
-        print(json.dumps(make_data(cache, force=args.force), indent=1))
+        force = (set(args.names) or True) if args.force else False   # data --force [skills]: redo those
+        print(json.dumps(make_data(cache, force=force), indent=1))
     if args.command == "baseline":
         print(json.dumps({"base": evaluate(real_model.base_dir(cache), cache, args.split, args.threads)}))
     if args.command == "eval":
@@ -411,8 +605,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log = train(cache, name, args.threads, args.steps)
             print(json.dumps({"skill": name, "seconds": log["seconds"], "final_loss": log["losses"][-1]}), flush=True)
+    if args.command == "results":
+        data = results(cache, args.threads)
+        print(json.dumps({k: v for k, v in data.items() if k != "soup"}, indent=1, default=str))
     if args.command in ("studies", "all"):
         print(json.dumps(write_studies(cache, args.trials, args.limit), indent=1))
+    if args.command == "templates":   # the committed studies/smollm2_*.yaml (paths under ~/.cache, runs in ../runs)
+        repo = Path(__file__).resolve().parents[1]
+        print(json.dumps(write_studies(cache, args.trials, args.limit, folder=repo / "studies",
+                                       root="~/.cache/mergesearch/smollm2", runs="../runs"), indent=1))
     return 0
 
 
