@@ -188,9 +188,9 @@ class Skill:
 
 
 SKILLS = {
-    "math": Skill("math", math_row, math_item, "multiple_choice", steps=48, lr=2e-4, checkpoint_every=8),
+    "math": Skill("math", math_row, math_item, "multiple_choice", steps=120, lr=2e-4, checkpoint_every=20),
     "json": Skill("json", json_row, json_item, "generate", steps=24, lr=1e-4, max_new_tokens=32),
-    "french": Skill("french", french_row, french_item, "generate", steps=32, lr=1e-4, max_new_tokens=12),
+    "french": Skill("french", french_row, french_item, "generate", steps=96, lr=2e-4, max_new_tokens=12),
 }
 N_TASK, N_TEST = 160, 100
 
@@ -443,11 +443,26 @@ def write_studies(cache: Path, trials: int = SEARCH_TRIALS, limit: int = SEARCH_
     return paths
 
 
+def make_family(cache: Path) -> Path:
+    """`<cache>/family/{base,ft1-math,ft2-json,ft3-french}` symlinks: the layout of `bench_merge.py --models`."""
+    family = cache / "family"
+    family.mkdir(parents=True, exist_ok=True)
+    links = {"base": real_model.base_dir(cache)}
+    links.update({f"ft{i}-{s}": cache / "specialists" / s for i, s in enumerate(SKILLS, 1)})
+    for name, target in links.items():
+        link = family / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    return family
+
+
 # -------------------------------------------------------------------------------------------------- results
-def _test_evaluation(skills=None):
+def _test_evaluation(skills=None, limit: int | None = None):
     from evaluators.tasks import parse_evaluation_block
 
-    entries = [dict(e, path=e["path"].replace(".jsonl", "_test.jsonl")) for e in task_entries(str(CACHE), skills=skills)]
+    entries = [dict(e, path=e["path"].replace(".jsonl", "_test.jsonl"))
+               for e in task_entries(str(CACHE), limit=limit, skills=skills)]
     return parse_evaluation_block({"tasks": entries, "holdout": 0.0, "seed": 0})
 
 
@@ -493,7 +508,8 @@ def _loop_stats(study) -> dict:
             "overhead_fraction": round((sum(inside) + sum(gaps)) / wall, 4) if wall else None}
 
 
-def results(cache: Path, threads: int = 2) -> dict:
+def results(cache: Path, threads: int = 2, study_path: Path | None = None, soup_dir: Path | None = None,
+            test_limit: int | None = None) -> dict:
     """Everything the results page needs, measured now: specialists, search and soup tables (JSON)."""
     import optuna
     import torch
@@ -504,7 +520,7 @@ def results(cache: Path, threads: int = 2) -> dict:
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    test = _test_evaluation()
+    test = _test_evaluation(limit=test_limit)
     out: dict = {"specialists": {}, "search": {}, "soup": {}}
     # 1. base and specialists on the test sets
     for name in ["base", *SKILLS]:
@@ -519,7 +535,7 @@ def results(cache: Path, threads: int = 2) -> dict:
         print(f"  {name}: {row['test']}", flush=True)
         del model
     # 2. the search: search-split scores, the run's own held-out re-evaluation, test sets
-    study_path = cache / "studies" / "smollm2_search.yaml"
+    study_path = study_path or cache / "studies" / "smollm2_search.yaml"
     cfg = load_study(study_path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
     held = holdout_results(study)
@@ -543,9 +559,9 @@ def results(cache: Path, threads: int = 2) -> dict:
         rows[k]["test"] = merged[k]
     out["search"] = {"rows": rows, "loop": _loop_stats(study), "winner": winner, "best_search": best_search.number}
     # 3. the soup: its own table, and the test set for the soups and the single checkpoints
-    soup_dir = cache / "runs" / "smollm2-soup"
+    soup_dir = soup_dir or cache / "runs" / "smollm2-soup"
     if (soup_dir / "soup_config.yaml").is_file():
-        math_test = _test_evaluation(["math"])
+        math_test = _test_evaluation(["math"], test_limit)
         ckpts = sorted((cache / "checkpoints" / "math").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         configs = {p.name: {"merge_method": "linear", "dtype": "float32",
                             "models": [{"model": str(p), "parameters": {"weight": 1.0}}] +
@@ -560,7 +576,7 @@ def results(cache: Path, threads: int = 2) -> dict:
                                              for p in ckpts]}
         out["soup"] = {"table": (soup_dir / "soup_table.md").read_text(), "greedy": sorted(chosen),
                        "test": _merged_scores(configs, cache, math_test)}
-    path = cache / "results" / "results.json"
+    path = cache / "results" / ("results.json" if study_path is None else f"results-{Path(study_path).stem}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
@@ -581,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=SEARCH_TRIALS, help="search budget written into the study")
     p.add_argument("--limit", type=int, default=SEARCH_LIMIT, help="items per split and task during the search")
     p.add_argument("--force", action="store_true", help="redo cached steps")
+    p.add_argument("--study", type=Path, default=None, help="results: another search study YAML")
+    p.add_argument("--soup-dir", type=Path, default=None, help="results: another soup run folder")
+    p.add_argument("--test-limit", type=int, default=None, help="results: test items per task (quick checks)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     cache = args.cache or real_model.cache_dir()
@@ -606,10 +625,12 @@ def main(argv: list[str] | None = None) -> int:
             log = train(cache, name, args.threads, args.steps)
             print(json.dumps({"skill": name, "seconds": log["seconds"], "final_loss": log["losses"][-1]}), flush=True)
     if args.command == "results":
-        data = results(cache, args.threads)
+        data = results(cache, args.threads, args.study, args.soup_dir, args.test_limit)
         print(json.dumps({k: v for k, v in data.items() if k != "soup"}, indent=1, default=str))
     if args.command in ("studies", "all"):
         print(json.dumps(write_studies(cache, args.trials, args.limit), indent=1))
+    if args.command in ("studies", "all"):
+        print(json.dumps({"bench_family": str(make_family(cache))}))
     if args.command == "templates":   # the committed studies/smollm2_*.yaml (paths under ~/.cache, runs in ../runs)
         repo = Path(__file__).resolve().parents[1]
         print(json.dumps(write_studies(cache, args.trials, args.limit, folder=repo / "studies",
