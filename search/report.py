@@ -26,6 +26,21 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure atomically (a temporary file renamed into place: a kill never leaves half a PNG), close it."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.tight_layout()
+    try:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        _plt().close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def trials_rows(study) -> list[dict]:
     """One flat row per trial: number, state, scores, timings, seed label, failure reason, params."""
     rows = []
@@ -75,10 +90,7 @@ def plot_history(study, path: Path) -> Path:
     ax.set_ylabel("score")
     ax.set_title("optimization history")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_profile(space, genome: dict[str, float], path: Path, title: str) -> Path | None:
@@ -95,10 +107,7 @@ def plot_profile(space, genome: dict[str, float], path: Path, title: str) -> Pat
     ax.set_ylabel("value")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_importances(study, path: Path) -> Path | None:
@@ -118,10 +127,7 @@ def plot_importances(study, path: Path) -> Path | None:
     ax.barh([k for k, _ in top], [v for _, v in top])
     ax.set_xlabel("importance (fANOVA)")
     ax.set_title("parameter importances")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pareto(study, task_names: list[str], path: Path) -> Path | None:
@@ -138,10 +144,7 @@ def plot_pareto(study, task_names: list[str], path: Path) -> Path | None:
     ax.set_ylabel(task_names[1])
     ax.set_title("Pareto front")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(study_cfg, study, space) -> Path:

@@ -251,11 +251,9 @@ def comparison_rows(result: SoupResult, names: list[str]) -> list[tuple[str, flo
 
 
 def plot_steps(result: SoupResult, path: Path) -> Path:
-    import matplotlib
+    from search.report import _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     greedy = [s for s in result.steps if s.step > 0]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [s.step for s in greedy]
@@ -268,10 +266,7 @@ def plot_steps(result: SoupResult, path: Path) -> Path:
     ax.set_ylabel("score (selection items)")
     ax.set_title("greedy soup")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def soup_command(args) -> int:
