@@ -3,36 +3,40 @@
 Owns data generation, training, saving, the manifest cache and a small self-check scorer; must not import merge_core,
 evaluators or Optuna (the demo's search uses those, this module only builds and verifies its inputs).
 
-Design (measured; see `evaluate_family` and the numbers in the closing report of the demo issue)
--------------------------------------------------------------------------------------------------
+Design (measured; the numbers are in the closing report of the demo issue, `evaluate_family` reproduces them)
+-----------------------------------------------------------------------------------------------------------
 One prompt format for every task: ``"<cue> <word> ="`` followed by ``" <answer>"``, where <word> is 5 letters
-from ``abcdefgh`` and <cue> is one capital letter naming the operation:
+from ``abcdefgh`` and <cue> is one capital letter naming the operation.
 
-- the base is pretrained on *other* operations in that format (C copy, U upper-case, D double each letter) plus
-  random "words" text, so it knows the format and that the cue selects the operation, but not the skills;
-- the specialists learn a new operation each: ``R`` reverse (``R abcde = edcba``) and ``S`` shift each letter to
-  the next one (``S abcde = bcdef``); both train all layers, with 30% replay of the base's data, so each keeps the
-  base operations and forgets (or never learns) the other skill;
-- the two specialists are deliberately *unequal*, as real fine-tunes often are: ``spec_shift`` trains twice as
-  long at twice the learning rate of ``spec_rev``, so its task vector is about twice as large and its
-  lower-layer update is mostly collateral damage (measured: it wipes out reversal in a merge).
+- base: a 4-layer Llama (hidden 128, ~0.6M parameters, the char tokenizer of search.toy) pretrained on *other*
+  operations in that format (C copy, U upper-case, D double each letter) plus random lower-case text: it knows the
+  format and that the cue picks the operation, not the skills. Its answer to an unknown cue is roughly the copy.
+- three specialists, one new operation each, conflicting on the same inputs: ``R`` reverse (``R abcde = edcba``),
+  ``S`` shift each letter to the next (``S abcde = bcdef``), ``O`` sort (``O cabde = abcde``). Full fine-tunes
+  with 30% replay of the base's data (so each keeps the base operations), deliberately unequal as real fine-tunes
+  are: ``spec_shift`` trains twice as long at twice the learning rate, its task vector is about twice as large.
+- multiple-choice items (4 answers of equal length) offer the gold answer, the two other specialists' answers and
+  the copy: a model that applies the wrong operation scores 0 on the item, not chance. Search and held-out items
+  are disjoint, and no evaluation word is ever shown in training (for any operation).
 
-Multiple-choice items offer 4 answers of equal length: the gold one, what the other skill would answer, the copy
-(what the base does) and a scramble or random word, so a model that applies the wrong operation scores *below*
-chance (0.25) rather than at it. The consequence, measured on held-out items: each specialist is ~1.0 on its skill
-and <= 0.2 on the other; the plain merges lose badly (linear average: the halved reversal vector no longer
-reverses; task arithmetic 1+1: the shift vector overwrites reversal; TIES: in between), while per-layer weights
-that keep the reversal vector whole and the shift vector mostly in its upper layers (a LiNeS-like profile) get both
-skills. The search has to find that profile; nothing in the build hands it over.
+Why the plain merges fail and a searched recipe does not (measured on held-out items): a specialist is ~1.0 on its
+skill and <= 0.4 on the others; with three task vectors the linear average leaves each at a third of its strength
+(below what a skill needs: the skills fall back to the base's copy), task arithmetic 1+1+1 lets the large shift
+vector override reversal and sorting, TIES with default density keeps the shift vector's lower-layer update that
+wrecks the other two. Recipes with per-model, per-layer weights (shift low in the lower layers, the others kept
+strong) and trimmed densities recover most of all three skills; the search has to find that shape, nothing in the
+build hands it over.
 
-The soup: several fine-tunes of the base on a third skill, ``O`` sort the letters, with different seeds and
-learning rates (model-soups style), two of them at a too-high learning rate; a greedy soup over held-out items beats
-the best single checkpoint, and the uniform soup (all checkpoints, dragged down by the bad ones) is worse than the
-greedy one.
+The soup: one fine-tune of the base on a fourth skill, ``M`` mirror the alphabet (``M abcde = hgfed``), at a flat
+learning rate that is too high to settle, with a checkpoint every 50 steps (``soup/checkpoint-<step>``). Its items
+offer the copy and two near misses (one slip from the gold), so a noisy checkpoint loses points: the early
+checkpoints are poor and drag the uniform soup down, the late ones are noisy and their average (the greedy soup)
+beats the best single checkpoint.
 
-Build: seeded, deterministic on one machine and thread count (bytes and `content_hash` repeat); built into a
-temporary sibling folder and renamed into place, so an interrupted build never looks complete; cached by
-`manifest.json` (a rebuild happens only when the build plan or the format version changes).
+Build: seeded and deterministic on one machine (bytes and `content_hash` repeat; one torch thread by default, so
+the core count does not matter); built into a temporary sibling folder and renamed into place, so an interrupted
+build never looks complete; cached by `manifest.json` (a rebuild only when the build plan or format version changes
+or a file is missing or altered).
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ _OPS: dict[str, tuple[str, Callable[[str], str]]] = {
     "sort": ("O", lambda w: "".join(sorted(w))),
 }
 BASE_OPS = ("copy", "upper", "dup")      # what the base knows (plus free "words" text)
-SPECIALIST_SKILLS = ("rev", "shift")     # one specialist each; the merge search combines them
-SOUP_SKILL = "sort"                      # the soup checkpoints fine-tune this one
+SPECIALIST_SKILLS = ("rev", "shift", "sort")   # one specialist each; the merge search combines them
+SOUP_SKILL = "sort"                            # the soup run fine-tunes this one (its own items: data/soup_*.jsonl)
+SOUP_TASK = "soup"
 
 
 def answer(op: str, word: str) -> str:
@@ -112,6 +117,8 @@ class TrainSpec:
     lr: float
     seed: int
     replay: float = 0.0
+    schedule: str = "cosine"          # cosine (warm-up, decay to 10%) | constant (warm-up, then flat)
+    save_every: int = 0               # soup runs: a checkpoint every this many steps (0: only the end)
 
 
 @dataclass(frozen=True)
@@ -131,15 +138,9 @@ class DemoPlan:
     specialists: tuple[tuple[str, TrainSpec], ...] = (
         ("rev", TrainSpec(steps=300, lr=1e-3, seed=2, replay=0.3)),
         ("shift", TrainSpec(steps=600, lr=2e-3, seed=3, replay=0.3)),
+        ("sort", TrainSpec(steps=300, lr=1e-3, seed=4, replay=0.3)),
     )
-    soup: tuple[TrainSpec, ...] = (
-        TrainSpec(steps=150, lr=5e-4, seed=11, replay=0.3),
-        TrainSpec(steps=150, lr=5e-4, seed=12, replay=0.3),
-        TrainSpec(steps=150, lr=5e-4, seed=13, replay=0.3),
-        TrainSpec(steps=150, lr=1e-3, seed=14, replay=0.3),
-        TrainSpec(steps=150, lr=6e-3, seed=15, replay=0.3),
-        TrainSpec(steps=150, lr=6e-3, seed=16, replay=0.3),
-    )
+    soup: TrainSpec = TrainSpec(steps=320, lr=3e-3, seed=11, replay=0.3, schedule="constant", save_every=40)
     n_search: int = 128
     n_holdout: int = 128
     n_generate: int = 32
@@ -157,9 +158,9 @@ QUICK_PLAN = DemoPlan(
     quick=True, layers=2, hidden=32, intermediate=64, heads=2, kv_heads=1, batch=16,
     base=TrainSpec(steps=30, lr=3e-3, seed=1),
     specialists=(("rev", TrainSpec(steps=10, lr=2e-3, seed=2, replay=0.3)),
-                 ("shift", TrainSpec(steps=10, lr=3e-3, seed=3, replay=0.3))),
-    soup=(TrainSpec(steps=5, lr=1e-3, seed=11, replay=0.3), TrainSpec(steps=5, lr=1e-3, seed=12, replay=0.3),
-          TrainSpec(steps=5, lr=5e-3, seed=13, replay=0.3)),
+                 ("shift", TrainSpec(steps=10, lr=3e-3, seed=3, replay=0.3)),
+                 ("sort", TrainSpec(steps=10, lr=2e-3, seed=4, replay=0.3))),
+    soup=TrainSpec(steps=9, lr=3e-3, seed=11, replay=0.3, schedule="constant", save_every=3),
     n_search=16, n_holdout=16, n_generate=4,
 )
 
@@ -170,14 +171,35 @@ def plan_for(quick: bool) -> DemoPlan:
 
 # ----------------------------------------------------------------------------------------------------- the tasks
 
-def _distractors(op: str, word: str, gold: str, rng: random.Random) -> list[str]:
-    """Three wrong answers of the gold's length: the other skills' answers and the copy first, then fillers."""
+def _near_misses(gold: str, rng: random.Random) -> list[str]:
+    """Answers one slip away from gold: two neighbouring letters swapped, or one letter moved to its neighbour."""
+    out = []
+    for _ in range(50):
+        g = list(gold)
+        i = rng.randrange(len(g))
+        if rng.random() < 0.5 and i + 1 < len(g) and g[i] != g[i + 1]:
+            g[i], g[i + 1] = g[i + 1], g[i]
+        else:
+            k = LETTERS.index(g[i]) + rng.choice((-1, 1))
+            g[i] = LETTERS[k % len(LETTERS)]
+        cand = "".join(g)
+        if cand != gold and cand not in out:
+            out.append(cand)
+    return out
+
+
+def _distractors(op: str, word: str, gold: str, rng: random.Random, near_miss: bool = False) -> list[str]:
+    """Three wrong answers of the gold's length. Specialist skills: the other skills' answers and the copy first
+    (a model applying the wrong operation scores below chance), then fillers. The soup skill: the copy and two
+    near misses (so that a half-trained or noisy checkpoint loses points and averaging can show)."""
     wrong: list[str] = []
-    for other in (*SPECIALIST_SKILLS, SOUP_SKILL, "copy"):
-        if other != op:
-            cand = answer(other, word)
-            if cand != gold and cand not in wrong and len(wrong) < 3:
-                wrong.append(cand)
+    if near_miss:
+        candidates = [answer("copy", word), *_near_misses(gold, rng)]
+    else:
+        candidates = [answer(o, word) for o in (*SPECIALIST_SKILLS, "copy") if o != op]
+    for cand in candidates:
+        if cand != gold and cand not in wrong and len(wrong) < 3:
+            wrong.append(cand)
     while len(wrong) < 3:
         letters = list(gold)
         rng.shuffle(letters)
@@ -187,47 +209,62 @@ def _distractors(op: str, word: str, gold: str, rng: random.Random) -> list[str]
     return wrong
 
 
+def _distinct_answers(op: str, word: str, near_miss: bool = False) -> bool:
+    """An item is unambiguous when the wrong operations (the other specialists', the copy) all answer differently."""
+    ops = (op, "copy") if near_miss else (*SPECIALIST_SKILLS, "copy")
+    return len({answer(o, word) for o in ops}) == len(ops)
+
+
+def _tasks() -> dict[str, tuple[str, bool]]:
+    """Task name -> (operation, near-miss distractors): one task per specialist skill, and the soup's."""
+    return {**{skill: (skill, False) for skill in SPECIALIST_SKILLS}, SOUP_TASK: (SOUP_SKILL, True)}
+
+
 def _eval_words(plan: DemoPlan) -> dict[str, dict[str, list[str]]]:
-    """skill -> split -> distinct words, seeded; splits of one skill never share a word."""
+    """task -> split -> distinct words, seeded; no word is in two splits or two tasks."""
     out: dict[str, dict[str, list[str]]] = {}
-    for i, skill in enumerate((*SPECIALIST_SKILLS, SOUP_SKILL)):
+    seen: set[str] = set()
+    for i, (task, (op, near_miss)) in enumerate(_tasks().items()):
         rng = random.Random(plan.data_seed * 1000 + i)
-        need = {"search": plan.n_search, "holdout": plan.n_holdout, "gen_search": plan.n_generate,
-                "gen_holdout": plan.n_generate}
-        seen: set[str] = set()
-        out[skill] = {}
+        need = {"search": plan.n_search, "holdout": plan.n_holdout}
+        if not near_miss:
+            need.update(gen_search=plan.n_generate, gen_holdout=plan.n_generate)
+        out[task] = {}
         for split, n in need.items():
-            words = []
+            words: list[str] = []
             while len(words) < n:
                 w = _word(rng)
-                if w not in seen and answer(skill, w) != w:   # the copy must be a wrong answer
+                if w not in seen and _distinct_answers(op, w, near_miss):
                     seen.add(w)
                     words.append(w)
-            out[skill][split] = words
+            out[task][split] = words
     return out
 
 
 def task_rows(plan: DemoPlan) -> dict[str, list[dict[str, Any]]]:
-    """File stem -> JSONL rows: ``<skill>_search`` / ``<skill>_holdout`` (multiple_choice) and
-    ``<skill>_gen_search`` / ``<skill>_gen_holdout`` (generate) for every skill."""
-    words = _eval_words(plan)
+    """File stem -> JSONL rows: for every specialist skill ``<skill>_search`` / ``<skill>_holdout``
+    (multiple_choice) and ``<skill>_gen_search`` / ``<skill>_gen_holdout`` (generate); for the soup
+    ``soup_search`` / ``soup_holdout`` (multiple_choice on the soup skill, near-miss distractors)."""
     rows: dict[str, list[dict[str, Any]]] = {}
-    for skill, splits in words.items():
-        rng = random.Random(f"{plan.data_seed}-{skill}-choices")
+    tasks = _tasks()
+    for task, splits in _eval_words(plan).items():
+        op, near_miss = tasks[task]
+        rng = random.Random(f"{plan.data_seed}-{task}-choices")
         for split in ("search", "holdout"):
             items = []
             for j, w in enumerate(splits[split]):
-                gold = answer(skill, w)
-                choices = [gold, *_distractors(skill, w, gold, rng)]
+                gold = answer(op, w)
+                choices = [gold, *_distractors(op, w, gold, rng, near_miss)]
                 rng.shuffle(choices)
-                items.append({"id": f"{skill}-{split}-{j:04d}", "query": prompt(skill, w),
+                items.append({"id": f"{task}-{split}-{j:04d}", "query": prompt(op, w),
                               "choices": [" " + c for c in choices], "gold": choices.index(gold)})
-            rows[f"{skill}_{split}"] = items
+            rows[f"{task}_{split}"] = items
         for split in ("search", "holdout"):
-            rows[f"{skill}_gen_{split}"] = [
-                {"id": f"{skill}-gen-{split}-{j:04d}", "prompt": prompt(skill, w), "target": " " + answer(skill, w),
-                 "stop": ["\n"]}
-                for j, w in enumerate(splits[f"gen_{split}"])]
+            if f"gen_{split}" in splits:
+                rows[f"{task}_gen_{split}"] = [
+                    {"id": f"{task}-gen-{split}-{j:04d}", "prompt": prompt(op, w), "target": " " + answer(op, w),
+                     "stop": ["\n"]}
+                    for j, w in enumerate(splits[f"gen_{split}"])]
     return rows
 
 
@@ -269,9 +306,11 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: TrainSpec, batch: int) -> float:
-    """AdamW with linear warm-up and cosine decay to 10%, gradient clip 1.0, next-token loss on right-padded
-    lines (no BOS, as the evaluators encode). Deterministic in spec.seed. Returns the mean loss of the last 20 steps."""
+def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: TrainSpec, batch: int,
+          on_checkpoint: Callable[[int, float], None] | None = None) -> float:
+    """AdamW with linear warm-up and cosine decay to 10% (or a flat lr), gradient clip 1.0, next-token loss on
+    right-padded lines (no BOS, as the evaluators encode). Deterministic in spec.seed. Calls
+    on_checkpoint(step, recent loss) every spec.save_every steps. Returns the mean loss of the last 20 steps."""
     import torch
 
     rng = random.Random(spec.seed)
@@ -281,13 +320,15 @@ def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: Train
     warm = max(1, spec.steps // 10)
 
     def factor(i: int) -> float:
+        if spec.schedule == "constant":
+            return min(1.0, (i + 1) / warm)
         return min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, spec.steps) / spec.steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     pad = tokenizer.pad_token_id
     model.train()
     losses: list[float] = []
-    for _ in range(spec.steps):
+    for step in range(1, spec.steps + 1):
         ids = [tokenizer.encode(sampler(rng), add_special_tokens=False) for _ in range(batch)]
         width = max(map(len, ids))
         x = torch.full((batch, width), pad, dtype=torch.long)
@@ -301,6 +342,10 @@ def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: Train
         opt.step()
         sched.step()
         losses.append(out.loss.item())
+        if on_checkpoint and spec.save_every and step % spec.save_every == 0:
+            model.eval()
+            on_checkpoint(step, sum(losses[-20:]) / len(losses[-20:]))
+            model.train()
     model.eval()
     tail = losses[-20:]
     return sum(tail) / len(tail)
@@ -382,9 +427,10 @@ def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, t
                       ) -> dict[str, Any]:
     """Build (or reuse) the demo family under out_dir; returns the manifest (plus ``"cached": bool``).
 
-    Layout: ``base/``, ``spec_rev/``, ``spec_shift/``, ``soup/checkpoint-<k>/`` (HF folders: safetensors + the char
-    tokenizer of search.toy), ``data/<skill>_{search,holdout}.jsonl`` (multiple_choice) and
-    ``data/<skill>_gen_{search,holdout}.jsonl`` (generate) for skills rev, shift, sort, and ``manifest.json``.
+    Layout: ``base/``, ``spec_rev/``, ``spec_shift/``, ``spec_sort/``, ``soup/checkpoint-<step>/`` (HF folders:
+    safetensors + the char tokenizer of search.toy); ``data/<skill>_{search,holdout}.jsonl`` (multiple_choice) and
+    ``data/<skill>_gen_{search,holdout}.jsonl`` (generate) for skills rev, shift, sort; ``data/soup_{search,
+    holdout}.jsonl`` (the soup's multiple_choice items); ``manifest.json`` (plan, seeds, versions, losses, hash).
     A finished build of the same plan is reused (unless `force`). out_dir is replaced only when it is absent, empty
     or an earlier demo build; anything else is refused with ValueError.
 
@@ -472,8 +518,22 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
 
     for skill, spec in plan.specialists:
         finetune(f"spec_{skill}", skill, spec, root / f"spec_{skill}")
-    for k, spec in enumerate(plan.soup, start=1):
-        finetune(f"soup/checkpoint-{k}", SOUP_SKILL, spec, root / "soup" / f"checkpoint-{k}")
+
+    # the soup: one run with a flat (too high to settle) learning rate, a checkpoint every save_every steps
+    t = time.perf_counter()
+    soup_dirs: list[str] = []
+    with torch.no_grad():
+        model.load_state_dict(base_state)
+
+    def save_checkpoint(step: int, loss: float) -> None:
+        name = f"soup/checkpoint-{step}"
+        save_model(model, tok, root / name)
+        losses[name] = loss
+        soup_dirs.append(name)
+
+    train(model, tok, _Sampler([SOUP_SKILL], reserved, replay=plan.soup.replay), plan.soup, plan.batch,
+          on_checkpoint=save_checkpoint)
+    timings["soup"] = time.perf_counter() - t
 
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     n_params = sum(p.numel() for p in model.parameters())
@@ -486,14 +546,16 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
         "models": {
             "base": "base",
             "specialists": {skill: f"spec_{skill}" for skill, _ in plan.specialists},
-            "soup": [f"soup/checkpoint-{k}" for k in range(1, len(plan.soup) + 1)],
+            "soup": soup_dirs,
         },
-        "skills": {
-            op: {"cue": _OPS[op][0], "example": example(op, "abcde").rstrip("\n"),
-                 "search": f"data/{op}_search.jsonl", "holdout": f"data/{op}_holdout.jsonl",
-                 "gen_search": f"data/{op}_gen_search.jsonl", "gen_holdout": f"data/{op}_gen_holdout.jsonl",
-                 "role": "soup" if op == SOUP_SKILL else "specialist"}
-            for op in (*SPECIALIST_SKILLS, SOUP_SKILL)},
+        "tasks": {
+            task: {"operation": op, "cue": _OPS[op][0], "example": example(op, "cabde").rstrip("\n"),
+                   "kind": "multiple_choice", "role": "soup" if near_miss else "specialist",
+                   "distractors": "copy + near misses" if near_miss else "other specialists' answers + copy",
+                   "search": f"data/{task}_search.jsonl", "holdout": f"data/{task}_holdout.jsonl",
+                   **({} if near_miss else {"gen_search": f"data/{task}_gen_search.jsonl",
+                                            "gen_holdout": f"data/{task}_gen_holdout.jsonl"})}
+            for task, (op, near_miss) in _tasks().items()},
         "parameters": n_params,
         "final_train_loss": {k: round(v, 6) for k, v in losses.items()},
         "seconds": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
@@ -721,7 +783,7 @@ def evaluate_family(out_dir: Path, trials: int = 150, refine: int = 100, seed: i
         raise ValueError(f"{out_dir}: no demo build here")
     skills = tuple(manifest["models"]["specialists"])
     n_layers = manifest["plan"]["layers"]
-    bench = _Bench(out_dir, (*skills, SOUP_SKILL))
+    bench = _Bench(out_dir, (*skills, SOUP_TASK))
     base = _state(out_dir / "base")
     specs = [_state(out_dir / manifest["models"]["specialists"][s]) for s in skills]
     tv = TaskVectors(base, specs)
@@ -770,11 +832,11 @@ def evaluate_family(out_dir: Path, trials: int = 150, refine: int = 100, seed: i
 
     def soup_score(state: dict, split: str) -> float:
         bench.load(state)
-        return round(bench.scorers[SOUP_SKILL, split](bench.model), 4)
+        return round(bench.scorers[SOUP_TASK, split](bench.model), 4)
 
     chosen, _ = greedy_soup(soup_states, lambda st: soup_score(st, "search"))
     report["soup"] = {
-        "skill": SOUP_SKILL,
+        "task": SOUP_TASK, "operation": SOUP_SKILL,
         "checkpoints": {p: soup_score(st, "holdout") for p, st in zip(manifest["models"]["soup"], soup_states)},
         "base": soup_score(base, "holdout"),
         "uniform_soup": soup_score(soup_state(soup_states), "holdout"),

@@ -67,7 +67,9 @@ def test_models_load_with_auto_classes(quick):
 
 def test_jsonl_rows_are_valid(quick):
     m = dm.read_manifest(quick)
-    for skill, info in m["skills"].items():
+    assert set(m["tasks"]) == {*dm.SPECIALIST_SKILLS, dm.SOUP_TASK}
+    for task, info in m["tasks"].items():
+        op = info["operation"]
         ids = set()
         for split in ("search", "holdout"):
             rows = dm.read_jsonl(quick / info[split])
@@ -78,20 +80,23 @@ def test_jsonl_rows_are_valid(quick):
                 assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
                 assert all(c.startswith(" ") and len(c) == len(row["choices"][0]) for c in row["choices"])
                 word = row["query"].split()[1]
-                assert row["choices"][row["gold"]] == " " + dm.answer(skill, word)
-                assert " " + word in row["choices"] or skill == "copy"     # the copy is a distractor
+                assert row["choices"][row["gold"]] == " " + dm.answer(op, word)
+                assert " " + word in row["choices"]                      # the copy is always a distractor
+                if info["role"] == "specialist":                         # and so are the other skills' answers
+                    assert {" " + dm.answer(o, word) for o in dm.SPECIALIST_SKILLS} <= set(row["choices"])
                 ids.add(row["id"])
-            for row in dm.read_jsonl(quick / info[f"gen_{split}"]):
+            for row in dm.read_jsonl(quick / info[f"gen_{split}"]) if f"gen_{split}" in info else []:
                 assert set(row) == {"id", "prompt", "target", "stop"} and row["stop"] == ["\n"]
-                assert row["target"] == " " + dm.answer(skill, row["prompt"].split()[1])
+                assert row["target"] == " " + dm.answer(op, row["prompt"].split()[1])
                 ids.add(row["id"])
-        assert len(ids) == 2 * (dm.QUICK_PLAN.n_search + dm.QUICK_PLAN.n_generate)
+        n_gen = dm.QUICK_PLAN.n_generate if "gen_search" in info else 0
+        assert len(ids) == 2 * (dm.QUICK_PLAN.n_search + n_gen), task
 
 
 def test_search_and_holdout_are_disjoint_and_unseen_in_training(quick):
     m = dm.read_manifest(quick)
     reserved = dm._reserved_words(dm.QUICK_PLAN)
-    for info in m["skills"].values():
+    for info in m["tasks"].values():
         search = {r["query"].split()[1] for r in dm.read_jsonl(quick / info["search"])}
         holdout = {r["query"].split()[1] for r in dm.read_jsonl(quick / info["holdout"])}
         assert search and holdout and not search & holdout
@@ -106,9 +111,10 @@ def test_search_and_holdout_are_disjoint_and_unseen_in_training(quick):
 
 def test_the_full_plan_keeps_splits_disjoint():
     words = dm._eval_words(dm.FULL_PLAN)
-    for skill, splits in words.items():
-        assert not set(splits["search"]) & set(splits["holdout"]), skill
-        assert len(splits["holdout"]) == dm.FULL_PLAN.n_holdout
+    every = [w for splits in words.values() for ws in splits.values() for w in ws]
+    assert len(every) == len(set(every))                       # no word in two splits or two tasks
+    for splits in words.values():
+        assert len(splits["search"]) == dm.FULL_PLAN.n_search and len(splits["holdout"]) == dm.FULL_PLAN.n_holdout
 
 
 def test_cache_hit_skips_the_build(quick, monkeypatch):
@@ -200,10 +206,50 @@ def test_scorer_and_merge_helpers(quick):
     layers = dm.QUICK_PLAN.layers
     zero = tv.merge("task_arithmetic", [[0.0] * layers] * len(specs))
     assert all((zero[k] - base[k]).abs().max() == 0 for k in base)
-    one = tv.merge("task_arithmetic", [[1.0] * layers, [0.0] * layers])
+    one = tv.merge("task_arithmetic", [[1.0] * layers] + [[0.0] * layers] * (len(specs) - 1))
     assert all((one[k] - specs[0][k]).abs().max() < 1e-6 for k in base)
-    avg = tv.merge("linear", [[1.0] * layers] * 2)
-    assert all((avg[k] - (specs[0][k] + specs[1][k]) / 2).abs().max() < 1e-6 for k in base)
+    avg = tv.merge("linear", [[1.0] * layers] * len(specs))
+    assert all((avg[k] - sum(s[k] for s in specs) / len(specs)).abs().max() < 1e-6 for k in base)
+    ties = tv.merge("ties", [[1.0] * layers] * len(specs), [[1.0] * layers] * len(specs))
+    key = "model.layers.0.mlp.up_proj.weight"
+    deltas = [s[key] - base[key] for s in specs]
+    elected = (sum(deltas) >= 0).float() * 2 - 1
+    agree = [(d.sign() == elected).float() for d in deltas]
+    expect = base[key] + sum(d * a for d, a in zip(deltas, agree)) / sum(agree).clamp(min=1)
+    assert (ties[key] - expect).abs().max() < 1e-6
     bench = dm._Bench(quick, tuple(m["models"]["specialists"]))
     res = bench.score(base)
     assert set(res) == {*m["models"]["specialists"], "combined"} and all(0 <= v <= 1 for v in res.values())
+
+
+def test_self_check_merge_matches_mergekit(quick, tmp_path):
+    """The plain-torch merge used for the measured tables equals mergekit 0.1.5 (the oracle) on per-layer lists."""
+    mergekit = pytest.importorskip("mergekit")
+    del mergekit
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    m = dm.read_manifest(quick)
+    folders = list(m["models"]["specialists"].values())
+    base = dm._state(quick / "base")
+    tv = dm.TaskVectors(base, [dm._state(quick / f) for f in folders])
+    layers = dm.QUICK_PLAN.layers
+    weights = [[0.9, 0.2], [0.1, 0.7], [0.5, 0.4]][: len(folders)]
+    densities = [[0.3, 0.8], [1.0, 0.5], [0.6, 0.2]][: len(folders)]
+    assert layers == 2
+    for method in ("ties", "task_arithmetic"):
+        cfg = {"merge_method": method, "base_model": str(quick / "base"), "dtype": "float32",
+               "models": [{"model": str(quick / f), "parameters": {"weight": w, "density": d}}
+                          for f, w, d in zip(folders, weights, densities)]}
+        if method == "task_arithmetic":
+            for entry in cfg["models"]:
+                del entry["parameters"]["density"]
+        out = tmp_path / method
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg))), str(out),
+                  options=MergeOptions(random_seed=0, quiet=True))
+        ref = dm._state(out)
+        ours = tv.merge(method, weights, densities if method == "ties" else None)
+        assert ref.keys() == ours.keys()
+        worst = max((ref[k] - ours[k]).abs().max().item() for k in ref)
+        assert worst < 1e-5, (method, worst)
