@@ -140,10 +140,11 @@ class DemoPlan:
         ("shift", TrainSpec(steps=600, lr=2e-3, seed=3, replay=0.3)),
         ("sort", TrainSpec(steps=300, lr=1e-3, seed=4, replay=0.3)),
     )
-    soup: TrainSpec = TrainSpec(steps=320, lr=3e-3, seed=11, replay=0.3, schedule="constant", save_every=40)
+    soup: TrainSpec = TrainSpec(steps=320, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=40)
     n_search: int = 128
     n_holdout: int = 128
     n_generate: int = 32
+    soup_choices: int = 6
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +161,7 @@ QUICK_PLAN = DemoPlan(
     specialists=(("rev", TrainSpec(steps=10, lr=2e-3, seed=2, replay=0.3)),
                  ("shift", TrainSpec(steps=10, lr=3e-3, seed=3, replay=0.3)),
                  ("sort", TrainSpec(steps=10, lr=2e-3, seed=4, replay=0.3))),
-    soup=TrainSpec(steps=9, lr=3e-3, seed=11, replay=0.3, schedule="constant", save_every=3),
+    soup=TrainSpec(steps=9, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=3),
     n_search=16, n_holdout=16, n_generate=4,
 )
 
@@ -188,19 +189,20 @@ def _near_misses(gold: str, rng: random.Random) -> list[str]:
     return out
 
 
-def _distractors(op: str, word: str, gold: str, rng: random.Random, near_miss: bool = False) -> list[str]:
-    """Three wrong answers of the gold's length. Specialist skills: the other skills' answers and the copy first
-    (a model applying the wrong operation scores below chance), then fillers. The soup skill: the copy and two
-    near misses (so that a half-trained or noisy checkpoint loses points and averaging can show)."""
+def _distractors(op: str, word: str, gold: str, rng: random.Random, near_miss: bool = False, n: int = 3
+                 ) -> list[str]:
+    """`n` wrong answers of the gold's length. Specialist skills: the other skills' answers and the copy first
+    (a model applying the wrong operation scores 0 on the item, not chance), then fillers. The soup's items: the copy
+    and near misses (so that a half-trained or noisy checkpoint loses points and averaging can show)."""
     wrong: list[str] = []
     if near_miss:
         candidates = [answer("copy", word), *_near_misses(gold, rng)]
     else:
         candidates = [answer(o, word) for o in (*SPECIALIST_SKILLS, "copy") if o != op]
     for cand in candidates:
-        if cand != gold and cand not in wrong and len(wrong) < 3:
+        if cand != gold and cand not in wrong and len(wrong) < n:
             wrong.append(cand)
-    while len(wrong) < 3:
+    while len(wrong) < n:
         letters = list(gold)
         rng.shuffle(letters)
         cand = "".join(letters) if rng.random() < 0.5 else _word(rng)
@@ -254,7 +256,7 @@ def task_rows(plan: DemoPlan) -> dict[str, list[dict[str, Any]]]:
             items = []
             for j, w in enumerate(splits[split]):
                 gold = answer(op, w)
-                choices = [gold, *_distractors(op, w, gold, rng, near_miss)]
+                choices = [gold, *_distractors(op, w, gold, rng, near_miss, plan.soup_choices - 1 if near_miss else 3)]
                 rng.shuffle(choices)
                 items.append({"id": f"{task}-{split}-{j:04d}", "query": prompt(op, w),
                               "choices": [" " + c for c in choices], "gold": choices.index(gold)})
@@ -551,6 +553,7 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
         "tasks": {
             task: {"operation": op, "cue": _OPS[op][0], "example": example(op, "cabde").rstrip("\n"),
                    "kind": "multiple_choice", "role": "soup" if near_miss else "specialist",
+                   "choices": plan.soup_choices if near_miss else 4,
                    "distractors": "copy + near misses" if near_miss else "other specialists' answers + copy",
                    "search": f"data/{task}_search.jsonl", "holdout": f"data/{task}_holdout.jsonl",
                    **({} if near_miss else {"gen_search": f"data/{task}_gen_search.jsonl",

@@ -77,7 +77,8 @@ def test_jsonl_rows_are_valid(quick):
             for row in rows:
                 assert set(row) == {"id", "query", "choices", "gold"}
                 assert row["query"].startswith(info["cue"] + " ") and row["query"].endswith("=")
-                assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+                assert len(row["choices"]) == info["choices"] and len(set(row["choices"])) == info["choices"]
+                assert info["choices"] == (4 if info["role"] == "specialist" else dm.QUICK_PLAN.soup_choices)
                 assert all(c.startswith(" ") and len(c) == len(row["choices"][0]) for c in row["choices"])
                 word = row["query"].split()[1]
                 assert row["choices"][row["gold"]] == " " + dm.answer(op, word)
