@@ -141,6 +141,7 @@ class DemoPlan:
         ("sort", TrainSpec(steps=300, lr=1e-3, seed=4, replay=0.3)),
     )
     soup: TrainSpec = TrainSpec(steps=320, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=40)
+    soup_hot: TrainSpec = TrainSpec(steps=80, lr=2e-2, seed=12, replay=0.3, schedule="constant", save_every=40)
     n_search: int = 128
     n_holdout: int = 128
     n_generate: int = 32
@@ -162,6 +163,7 @@ QUICK_PLAN = DemoPlan(
                  ("shift", TrainSpec(steps=10, lr=3e-3, seed=3, replay=0.3)),
                  ("sort", TrainSpec(steps=10, lr=2e-3, seed=4, replay=0.3))),
     soup=TrainSpec(steps=9, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=3),
+    soup_hot=TrainSpec(steps=2, lr=2e-2, seed=12, replay=0.3, schedule="constant", save_every=2),
     n_search=16, n_holdout=16, n_generate=4,
 )
 
@@ -521,20 +523,22 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
     for skill, spec in plan.specialists:
         finetune(f"spec_{skill}", skill, spec, root / f"spec_{skill}")
 
-    # the soup: one run with a flat (too high to settle) learning rate, a checkpoint every save_every steps
+    # the soup: one run with a flat learning rate too high to settle (checkpoint-<step>), and a short run at a far
+    # too high one (checkpoint-hot-<step>), a checkpoint every save_every steps
     t = time.perf_counter()
     soup_dirs: list[str] = []
-    with torch.no_grad():
-        model.load_state_dict(base_state)
+    for prefix, spec in (("checkpoint", plan.soup), ("checkpoint-hot", plan.soup_hot)):
+        with torch.no_grad():
+            model.load_state_dict(base_state)
 
-    def save_checkpoint(step: int, loss: float) -> None:
-        name = f"soup/checkpoint-{step}"
-        save_model(model, tok, root / name)
-        losses[name] = loss
-        soup_dirs.append(name)
+        def save_checkpoint(step: int, loss: float, prefix: str = prefix) -> None:
+            name = f"soup/{prefix}-{step}"
+            save_model(model, tok, root / name)
+            losses[name] = loss
+            soup_dirs.append(name)
 
-    train(model, tok, _Sampler([SOUP_SKILL], reserved, replay=plan.soup.replay), plan.soup, plan.batch,
-          on_checkpoint=save_checkpoint)
+        train(model, tok, _Sampler([SOUP_SKILL], reserved, replay=spec.replay), spec, plan.batch,
+              on_checkpoint=save_checkpoint)
     timings["soup"] = time.perf_counter() - t
 
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -763,14 +767,14 @@ def soup_state(states: Sequence[dict]) -> dict:
 
 
 def greedy_soup(states: Sequence[dict], score: Callable[[dict], float]) -> tuple[list[int], float]:
-    """Model-soups greedy recipe: sort by individual score, add each checkpoint if the soup's score does not drop.
+    """Model-soups greedy recipe: sort by individual score, keep each checkpoint only if the soup's score improves.
     Returns (chosen indices in order of addition, score of the soup)."""
     order = sorted(range(len(states)), key=lambda i: -score(states[i]))
     chosen = [order[0]]
     best = score(states[order[0]])
     for i in order[1:]:
         s = score(soup_state([states[j] for j in [*chosen, i]]))
-        if s >= best:
+        if s > best:
             chosen.append(i)
             best = s
     return chosen, best
