@@ -1,0 +1,853 @@
+"""The embedded demo's model family: a tiny char-level Llama base, specialists whose merge is hard, soup checkpoints, JSONL tasks.
+
+Owns data generation, training, saving, the manifest cache and a small self-check scorer; must not import merge_core,
+evaluators or Optuna (the demo's search uses those, this module only builds and verifies its inputs).
+
+Design (measured; the numbers are in the closing report of the demo issue, `evaluate_family` reproduces them)
+-----------------------------------------------------------------------------------------------------------
+One prompt format for every task: ``"<cue> <word> ="`` followed by ``" <answer>"``, where <word> is 5 letters
+from ``abcdefgh`` and <cue> is one capital letter naming the operation.
+
+- base: a 4-layer Llama (hidden 128, ~0.6M parameters, the char tokenizer of search.toy) pretrained on *other*
+  operations in that format (C copy, U upper-case, D double each letter) plus random lower-case text: it knows the
+  format and that the cue picks the operation, not the skills. Its answer to an unknown cue is roughly the copy.
+- three specialists, one new operation each, conflicting on the same inputs: ``R`` reverse (``R abcde = edcba``),
+  ``S`` shift each letter to the next (``S abcde = bcdef``), ``O`` sort (``O cabde = abcde``). Full fine-tunes
+  with 30% replay of the base's data (so each keeps the base operations), deliberately unequal as real fine-tunes
+  are: ``spec_shift`` trains twice as long at twice the learning rate, its task vector is about twice as large.
+- multiple-choice items (4 answers of equal length) offer the gold answer, the two other specialists' answers and
+  the copy: a model that applies the wrong operation scores 0 on the item, not chance. Search and held-out items
+  are disjoint, and no evaluation word is ever shown in training (for any operation).
+
+Why the plain merges fail and a searched recipe does not (measured on held-out items): a specialist is ~1.0 on its
+skill and <= 0.4 on the others; with three task vectors the linear average leaves each at a third of its strength
+(below what a skill needs: the skills fall back to the base's copy), task arithmetic 1+1+1 lets the large shift
+vector override reversal and sorting, TIES with default density keeps the shift vector's lower-layer update that
+wrecks the other two. Recipes with per-model, per-layer weights (shift low in the lower layers, the others kept
+strong) and trimmed densities recover most of all three skills; the search has to find that shape, nothing in the
+build hands it over.
+
+The soup: one fine-tune of the base on a fourth skill, ``M`` mirror the alphabet (``M abcde = hgfed``), at a flat
+learning rate that is too high to settle, with a checkpoint every 50 steps (``soup/checkpoint-<step>``). Its items
+offer the copy and two near misses (one slip from the gold), so a noisy checkpoint loses points: the early
+checkpoints are poor and drag the uniform soup down, the late ones are noisy and their average (the greedy soup)
+beats the best single checkpoint.
+
+Build: seeded and deterministic on one machine (bytes and `content_hash` repeat; one torch thread by default, so
+the core count does not matter); built into a temporary sibling folder and renamed into place, so an interrupted
+build never looks complete; cached by `manifest.json` (a rebuild only when the build plan or format version changes
+or a file is missing or altered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KIND = "mergesearch-demo-family"
+
+LETTERS = "abcdefgh"
+WORD_LEN = 5
+
+# operation name -> (cue, function on a word); every task and the base corpus use "<cue> <word> = <answer>".
+_OPS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "copy": ("C", lambda w: w),
+    "upper": ("U", lambda w: w.upper()),
+    "dup": ("D", lambda w: "".join(c + c for c in w)),
+    "rev": ("R", lambda w: w[::-1]),
+    "shift": ("S", lambda w: "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in w)),
+    "sort": ("O", lambda w: "".join(sorted(w))),
+}
+BASE_OPS = ("copy", "upper", "dup")      # what the base knows (plus free "words" text)
+SPECIALIST_SKILLS = ("rev", "shift", "sort")   # one specialist each; the merge search combines them
+SOUP_SKILL = "sort"                            # the soup run fine-tunes this one (its own items: data/soup_*.jsonl)
+SOUP_TASK = "soup"
+
+
+def answer(op: str, word: str) -> str:
+    """The answer of operation `op` for `word` (no leading space)."""
+    return _OPS[op][1](word)
+
+
+def prompt(op: str, word: str) -> str:
+    """The query of operation `op` for `word`, e.g. ``"R abcde ="``; the answer follows after one space."""
+    return f"{_OPS[op][0]} {word} ="
+
+
+def example(op: str, word: str) -> str:
+    """One training line: query, space, answer, newline."""
+    return f"{prompt(op, word)} {answer(op, word)}\n"
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(WORD_LEN))
+
+
+def _free_text(rng: random.Random) -> str:
+    """Random lower-case 'words' (generic text for the base, not in the task format)."""
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 6)))
+             for _ in range(rng.randint(2, 5))]
+    return " ".join(words) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run: steps, peak learning rate, seed, replay fraction of the base data."""
+
+    steps: int
+    lr: float
+    seed: int
+    replay: float = 0.0
+    schedule: str = "cosine"          # cosine (warm-up, decay to 10%) | constant (warm-up, then flat)
+    save_every: int = 0               # soup runs: a checkpoint every this many steps (0: only the end)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Everything that determines the build's bytes (its hash is the cache key)."""
+
+    quick: bool = False
+    layers: int = 4
+    hidden: int = 128
+    intermediate: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    batch: int = 32
+    init_seed: int = 0
+    data_seed: int = 1234
+    base: TrainSpec = TrainSpec(steps=1500, lr=2e-3, seed=1)
+    specialists: tuple[tuple[str, TrainSpec], ...] = (
+        ("rev", TrainSpec(steps=300, lr=1e-3, seed=2, replay=0.3)),
+        ("shift", TrainSpec(steps=600, lr=2e-3, seed=3, replay=0.3)),
+        ("sort", TrainSpec(steps=300, lr=1e-3, seed=4, replay=0.3)),
+    )
+    soup: TrainSpec = TrainSpec(steps=320, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=40)
+    soup_hot: TrainSpec = TrainSpec(steps=80, lr=2e-2, seed=12, replay=0.3, schedule="constant", save_every=40)
+    n_search: int = 128
+    n_holdout: int = 128
+    n_generate: int = 32
+    soup_choices: int = 6
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def plan_hash(self) -> str:
+        text = json.dumps({"format_version": FORMAT_VERSION, "plan": self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+FULL_PLAN = DemoPlan()
+QUICK_PLAN = DemoPlan(
+    quick=True, layers=2, hidden=32, intermediate=64, heads=2, kv_heads=1, batch=16,
+    base=TrainSpec(steps=30, lr=3e-3, seed=1),
+    specialists=(("rev", TrainSpec(steps=10, lr=2e-3, seed=2, replay=0.3)),
+                 ("shift", TrainSpec(steps=10, lr=3e-3, seed=3, replay=0.3)),
+                 ("sort", TrainSpec(steps=10, lr=2e-3, seed=4, replay=0.3))),
+    soup=TrainSpec(steps=9, lr=6e-3, seed=11, replay=0.3, schedule="constant", save_every=3),
+    soup_hot=TrainSpec(steps=2, lr=2e-2, seed=12, replay=0.3, schedule="constant", save_every=2),
+    n_search=16, n_holdout=16, n_generate=4,
+)
+
+
+def plan_for(quick: bool) -> DemoPlan:
+    return QUICK_PLAN if quick else FULL_PLAN
+
+
+# ----------------------------------------------------------------------------------------------------- the tasks
+
+def _near_misses(gold: str, rng: random.Random) -> list[str]:
+    """Answers one slip away from gold: two neighbouring letters swapped, or one letter moved to its neighbour."""
+    out = []
+    for _ in range(50):
+        g = list(gold)
+        i = rng.randrange(len(g))
+        if rng.random() < 0.5 and i + 1 < len(g) and g[i] != g[i + 1]:
+            g[i], g[i + 1] = g[i + 1], g[i]
+        else:
+            k = LETTERS.index(g[i]) + rng.choice((-1, 1))
+            g[i] = LETTERS[k % len(LETTERS)]
+        cand = "".join(g)
+        if cand != gold and cand not in out:
+            out.append(cand)
+    return out
+
+
+def _distractors(op: str, word: str, gold: str, rng: random.Random, near_miss: bool = False, n: int = 3
+                 ) -> list[str]:
+    """`n` wrong answers of the gold's length. Specialist skills: the other skills' answers and the copy first
+    (a model applying the wrong operation scores 0 on the item, not chance), then fillers. The soup's items: the copy
+    and near misses (so that a half-trained or noisy checkpoint loses points and averaging can show)."""
+    wrong: list[str] = []
+    if near_miss:
+        candidates = [answer("copy", word), *_near_misses(gold, rng)]
+    else:
+        candidates = [answer(o, word) for o in (*SPECIALIST_SKILLS, "copy") if o != op]
+    for cand in candidates:
+        if cand != gold and cand not in wrong and len(wrong) < n:
+            wrong.append(cand)
+    while len(wrong) < n:
+        letters = list(gold)
+        rng.shuffle(letters)
+        cand = "".join(letters) if rng.random() < 0.5 else _word(rng)
+        if cand != gold and cand not in wrong:
+            wrong.append(cand)
+    return wrong
+
+
+def _distinct_answers(op: str, word: str, near_miss: bool = False) -> bool:
+    """An item is unambiguous when the wrong operations (the other specialists', the copy) all answer differently."""
+    ops = (op, "copy") if near_miss else (*SPECIALIST_SKILLS, "copy")
+    return len({answer(o, word) for o in ops}) == len(ops)
+
+
+def _tasks() -> dict[str, tuple[str, bool]]:
+    """Task name -> (operation, near-miss distractors): one task per specialist skill, and the soup's."""
+    return {**{skill: (skill, False) for skill in SPECIALIST_SKILLS}, SOUP_TASK: (SOUP_SKILL, True)}
+
+
+def _eval_words(plan: DemoPlan) -> dict[str, dict[str, list[str]]]:
+    """task -> split -> distinct words, seeded; no word is in two splits or two tasks."""
+    out: dict[str, dict[str, list[str]]] = {}
+    seen: set[str] = set()
+    for i, (task, (op, near_miss)) in enumerate(_tasks().items()):
+        rng = random.Random(plan.data_seed * 1000 + i)
+        need = {"search": plan.n_search, "holdout": plan.n_holdout}
+        if not near_miss:
+            need.update(gen_search=plan.n_generate, gen_holdout=plan.n_generate)
+        out[task] = {}
+        for split, n in need.items():
+            words: list[str] = []
+            while len(words) < n:
+                w = _word(rng)
+                if w not in seen and _distinct_answers(op, w, near_miss):
+                    seen.add(w)
+                    words.append(w)
+            out[task][split] = words
+    return out
+
+
+def task_rows(plan: DemoPlan) -> dict[str, list[dict[str, Any]]]:
+    """File stem -> JSONL rows: for every specialist skill ``<skill>_search`` / ``<skill>_holdout``
+    (multiple_choice) and ``<skill>_gen_search`` / ``<skill>_gen_holdout`` (generate); for the soup
+    ``soup_search`` / ``soup_holdout`` (multiple_choice on the soup skill, near-miss distractors)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    tasks = _tasks()
+    for task, splits in _eval_words(plan).items():
+        op, near_miss = tasks[task]
+        rng = random.Random(f"{plan.data_seed}-{task}-choices")
+        for split in ("search", "holdout"):
+            items = []
+            for j, w in enumerate(splits[split]):
+                gold = answer(op, w)
+                choices = [gold, *_distractors(op, w, gold, rng, near_miss, plan.soup_choices - 1 if near_miss else 3)]
+                rng.shuffle(choices)
+                items.append({"id": f"{task}-{split}-{j:04d}", "query": prompt(op, w),
+                              "choices": [" " + c for c in choices], "gold": choices.index(gold)})
+            rows[f"{task}_{split}"] = items
+        for split in ("search", "holdout"):
+            if f"gen_{split}" in splits:
+                rows[f"{task}_gen_{split}"] = [
+                    {"id": f"{task}-gen-{split}-{j:04d}", "prompt": prompt(op, w), "target": " " + answer(op, w),
+                     "stop": ["\n"]}
+                    for j, w in enumerate(splits[f"gen_{split}"])]
+    return rows
+
+
+def _reserved_words(plan: DemoPlan) -> set[str]:
+    """Every word used by an evaluation item: training never shows them (for any operation)."""
+    return {w for splits in _eval_words(plan).values() for ws in splits.values() for w in ws}
+
+
+class _Sampler:
+    """Training lines: `ops` with weights, plus base replay; never a reserved word."""
+
+    def __init__(self, ops: Sequence[str], reserved: set[str], replay: float = 0.0, free_text: float = 0.0):
+        self.ops, self.reserved, self.replay, self.free_text = tuple(ops), reserved, replay, free_text
+
+    def word(self, rng: random.Random) -> str:
+        while True:
+            w = _word(rng)
+            if w not in self.reserved:
+                return w
+
+    def __call__(self, rng: random.Random) -> str:
+        if self.replay and rng.random() < self.replay:
+            return _base_line(rng, self)
+        if self.free_text and rng.random() < self.free_text:
+            return _free_text(rng)
+        return example(rng.choice(self.ops), self.word(rng))
+
+
+def _base_line(rng: random.Random, sampler: _Sampler) -> str:
+    if rng.random() < 0.25:
+        return _free_text(rng)
+    return example(rng.choice(BASE_OPS), sampler.word(rng))
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+def _layer_of(name: str) -> int | None:
+    m = re.search(r"\blayers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: TrainSpec, batch: int,
+          on_checkpoint: Callable[[int, float], None] | None = None) -> float:
+    """AdamW with linear warm-up and cosine decay to 10% (or a flat lr), gradient clip 1.0, next-token loss on
+    right-padded lines (no BOS, as the evaluators encode). Deterministic in spec.seed. Calls
+    on_checkpoint(step, recent loss) every spec.save_every steps. Returns the mean loss of the last 20 steps."""
+    import torch
+
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, spec.steps // 10)
+
+    def factor(i: int) -> float:
+        if spec.schedule == "constant":
+            return min(1.0, (i + 1) / warm)
+        return min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, spec.steps) / spec.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    pad = tokenizer.pad_token_id
+    model.train()
+    losses: list[float] = []
+    for step in range(1, spec.steps + 1):
+        ids = [tokenizer.encode(sampler(rng), add_special_tokens=False) for _ in range(batch)]
+        width = max(map(len, ids))
+        x = torch.full((batch, width), pad, dtype=torch.long)
+        for r, row in enumerate(ids):
+            x[r, : len(row)] = torch.tensor(row)
+        mask = (x != pad).long()
+        out = model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(out.loss.item())
+        if on_checkpoint and spec.save_every and step % spec.save_every == 0:
+            model.eval()
+            on_checkpoint(step, sum(losses[-20:]) / len(losses[-20:]))
+            model.train()
+    model.eval()
+    tail = losses[-20:]
+    return sum(tail) / len(tail)
+
+
+# ----------------------------------------------------------------------------------------------------- the build
+
+def _config(plan: DemoPlan):
+    from search.toy import tiny_config
+
+    return tiny_config("llama", layers=plan.layers, hidden=plan.hidden, heads=plan.heads, kv_heads=plan.kv_heads,
+                       intermediate=plan.intermediate, max_positions=64)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def content_hash(root: Path) -> str:
+    """sha256 over every file under `root` but the manifest (relative path and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != MANIFEST):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a complete build in out_dir, or None."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == KIND else None
+
+
+def is_complete(out_dir: Path, quick: bool = False, verify_hash: bool = True) -> bool:
+    """True when out_dir holds a finished build of the current plan (files present, hash matching if asked)."""
+    manifest = read_manifest(out_dir)
+    plan = plan_for(quick)
+    if not manifest or manifest.get("plan_hash") != plan.plan_hash() or manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    if not all((Path(out_dir) / f).is_file() for f in manifest.get("files", [])):
+        return False
+    return not verify_hash or content_hash(out_dir) == manifest.get("content_hash")
+
+
+def _clean_stale(out_dir: Path) -> None:
+    """Remove temporary folders left by interrupted builds of out_dir (their process is gone)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        m = re.match(rf"\.{re.escape(out_dir.name)}\.(\d+)\.[0-9a-f]+\.tmp$", tmp.name)
+        pid = int(m.group(1)) if m else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue           # still running: someone else's build
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, threads: int | None = 1
+                      ) -> dict[str, Any]:
+    """Build (or reuse) the demo family under out_dir; returns the manifest (plus ``"cached": bool``).
+
+    Layout: ``base/``, ``spec_rev/``, ``spec_shift/``, ``spec_sort/``, ``soup/checkpoint-<step>/`` (HF folders:
+    safetensors + the char tokenizer of search.toy); ``data/<skill>_{search,holdout}.jsonl`` (multiple_choice) and
+    ``data/<skill>_gen_{search,holdout}.jsonl`` (generate) for skills rev, shift, sort; ``data/soup_{search,
+    holdout}.jsonl`` (the soup's multiple_choice items); ``manifest.json`` (plan, seeds, versions, losses, hash).
+    A finished build of the same plan is reused (unless `force`). out_dir is replaced only when it is absent, empty
+    or an earlier demo build; anything else is refused with ValueError.
+
+    `threads`: torch CPU threads while training (restored afterwards; None leaves torch's setting). One thread by
+    default: the bytes then do not depend on the machine's core count, and a shared machine is not oversubscribed
+    (two OpenMP threads on two busy cores run several times slower than one).
+    """
+    out_dir = Path(out_dir).resolve()
+    plan = plan_for(quick)
+    if not force and is_complete(out_dir, quick):
+        manifest = read_manifest(out_dir)
+        assert manifest is not None
+        log.info("demo family: cache hit in %s (plan %s)", out_dir, manifest["plan_hash"])
+        return {**manifest, "cached": True}
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or read_manifest(out_dir))):
+        raise ValueError(f"{out_dir}: exists and is not a demo build; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        manifest = _build_into(tmp, plan)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old.tmp"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(saved_threads)
+    return {**manifest, "cached": False}
+
+
+def _build_into(root: Path, plan: DemoPlan) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _build_steps(root, plan)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
+    import torch
+
+    from search.toy import build_char_tokenizer, new_model, save_model
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    tok = build_char_tokenizer()
+    reserved = _reserved_words(plan)
+
+    rows = task_rows(plan)
+    for stem, items in rows.items():
+        _write_jsonl(root / "data" / f"{stem}.jsonl", items)
+
+    t = time.perf_counter()
+    model = new_model(_config(plan), seed=plan.init_seed)
+    losses["base"] = train(model, tok, _Sampler(BASE_OPS, reserved, free_text=0.25), plan.base, plan.batch)
+    save_model(model, tok, root / "base")
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    timings["base"] = time.perf_counter() - t
+
+    def finetune(name: str, skill: str, spec: TrainSpec, folder: Path) -> None:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.load_state_dict(base_state)
+        losses[name] = train(model, tok, _Sampler([skill], reserved, replay=spec.replay), spec, plan.batch)
+        save_model(model, tok, folder)
+        timings[name] = time.perf_counter() - t0
+
+    for skill, spec in plan.specialists:
+        finetune(f"spec_{skill}", skill, spec, root / f"spec_{skill}")
+
+    # the soup: one run with a flat learning rate too high to settle (checkpoint-<step>), and a short run at a far
+    # too high one (checkpoint-hot-<step>), a checkpoint every save_every steps
+    t = time.perf_counter()
+    soup_dirs: list[str] = []
+    for prefix, spec in (("checkpoint", plan.soup), ("checkpoint-hot", plan.soup_hot)):
+        with torch.no_grad():
+            model.load_state_dict(base_state)
+
+        def save_checkpoint(step: int, loss: float, prefix: str = prefix) -> None:
+            name = f"soup/{prefix}-{step}"
+            save_model(model, tok, root / name)
+            losses[name] = loss
+            soup_dirs.append(name)
+
+        train(model, tok, _Sampler([SOUP_SKILL], reserved, replay=spec.replay), spec, plan.batch,
+              on_checkpoint=save_checkpoint)
+    timings["soup"] = time.perf_counter() - t
+
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "plan_hash": plan.plan_hash(),
+        "plan": plan.to_dict(),
+        "quick": plan.quick,
+        "models": {
+            "base": "base",
+            "specialists": {skill: f"spec_{skill}" for skill, _ in plan.specialists},
+            "soup": soup_dirs,
+        },
+        "tasks": {
+            task: {"operation": op, "cue": _OPS[op][0], "example": example(op, "cabde").rstrip("\n"),
+                   "kind": "multiple_choice", "role": "soup" if near_miss else "specialist",
+                   "choices": plan.soup_choices if near_miss else 4,
+                   "distractors": "copy + near misses" if near_miss else "other specialists' answers + copy",
+                   "search": f"data/{task}_search.jsonl", "holdout": f"data/{task}_holdout.jsonl",
+                   **({} if near_miss else {"gen_search": f"data/{task}_gen_search.jsonl",
+                                            "gen_holdout": f"data/{task}_gen_holdout.jsonl"})}
+            for task, (op, near_miss) in _tasks().items()},
+        "parameters": n_params,
+        "final_train_loss": {k: round(v, 6) for k, v in losses.items()},
+        "seconds": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "files": files,
+        "content_hash": content_hash(root),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- self-check
+# A deliberately small, independent scorer and merge (plain torch) to measure the family's key properties; the
+# product's merge_core / evaluators are not used here so that this check does not depend on them.
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class MCScorer:
+    """Accuracy on multiple-choice rows: argmax over choices of the summed log-likelihood of the choice tokens
+    given the query (no BOS, choices appended as-is). Tokenizes once; one batched forward per call."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer):
+        import torch
+
+        seqs: list[tuple[list[int], list[int]]] = []
+        self.n_choices: list[int] = []
+        for row in rows:
+            q = tokenizer.encode(row["query"], add_special_tokens=False)
+            for c in row["choices"]:
+                seqs.append((q, tokenizer.encode(c, add_special_tokens=False)))
+            self.n_choices.append(len(row["choices"]))
+        width = max(len(a) + len(b) for a, b in seqs)
+        pad = tokenizer.pad_token_id
+        self.x = torch.full((len(seqs), width), pad, dtype=torch.long)
+        self.mask = torch.zeros_like(self.x)
+        self.target = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (a, b) in enumerate(seqs):
+            self.x[i, : len(a) + len(b)] = torch.tensor(a + b)
+            self.mask[i, : len(a) + len(b)] = 1
+            self.target[i, len(a): len(a) + len(b)] = True
+        self.gold = [row["gold"] for row in rows]
+
+    def loglikelihoods(self, model) -> list[list[float]]:
+        import torch
+
+        with torch.no_grad():
+            logits = model(input_ids=self.x, attention_mask=self.mask).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, self.x[:, 1:, None])[..., 0]
+            sums = (lp * self.target[:, 1:]).sum(1).tolist()
+        out, i = [], 0
+        for n in self.n_choices:
+            out.append(sums[i: i + n])
+            i += n
+        return out
+
+    def __call__(self, model) -> float:
+        lls = self.loglikelihoods(model)
+        return sum(max(range(len(v)), key=v.__getitem__) == g for v, g in zip(lls, self.gold)) / len(self.gold)
+
+
+class TaskVectors:
+    """Base + task vectors of fine-tunes of it, resident, with |delta| orders precomputed (for magnitude trims).
+
+    `merge` follows mergekit 0.1.5's task_arithmetic / ties (magnitude top-k, sign election by the weighted sum,
+    normalize for ties) with one weight and density per model and layer; tensors outside the layers take the
+    layer-0 values, as mergekit resolves gradients at t = 0 for them."""
+
+    def __init__(self, base_state: dict, states: Sequence[dict]):
+        import torch
+
+        self.base = {k: v.float() for k, v in base_state.items()}
+        self.deltas = [{k: s[k].float() - v for k, v in self.base.items()} for s in states]
+        self.order = [{k: torch.argsort(d.abs().reshape(-1), descending=True, stable=True) for k, d in deltas.items()}
+                      for deltas in self.deltas]
+
+    def _trim(self, j: int, key: str, density: float):
+        import torch
+
+        d = self.deltas[j][key]
+        if density >= 1:
+            return d
+        k = max(1, int(density * d.numel()))
+        mask = torch.zeros(d.numel(), dtype=d.dtype)
+        mask[self.order[j][key][:k]] = 1
+        return d * mask.view_as(d)
+
+    def merge(self, method: str, weights: Sequence[Sequence[float]], densities: Sequence[Sequence[float]] | None = None
+              ) -> dict:
+        """weights[j][layer] (and densities) per model j; method 'task_arithmetic', 'ties' or 'linear'."""
+        import torch
+
+        out = {}
+        for key, base in self.base.items():
+            layer = _layer_of(key) or 0
+            ws = [w[layer] for w in weights]
+            ds = [1.0] * len(ws) if densities is None or method == "linear" else [d[layer] for d in densities]
+            deltas = torch.stack([w * self._trim(j, key, ds[j]) for j, w in enumerate(ws)])
+            wt = torch.tensor(ws).view(-1, *([1] * base.dim()))
+            if method == "ties":
+                mask = deltas.sign() == ((deltas.sum(0) >= 0).float() * 2 - 1)
+                div = (wt * mask).sum(0)
+                div[div == 0] = 1
+                out[key] = base + (deltas * mask).sum(0) / div
+            elif method == "linear":          # sum w_j x_j / sum w_j  ==  base + sum w_j d_j / sum w_j
+                out[key] = base + deltas.sum(0) / sum(ws)
+            else:
+                out[key] = base + deltas.sum(0)
+        return out
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+
+
+def _state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@dataclass
+class _Bench:
+    """Scorers per skill and split on one live model whose weights are swapped in place."""
+
+    root: Path
+    skills: tuple[str, ...]
+    model: Any = None
+    scorers: dict[tuple[str, str], MCScorer] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.root / "base")
+        self.model = _load(self.root / "base")
+        for skill in self.skills:
+            for split in ("search", "holdout"):
+                self.scorers[skill, split] = MCScorer(read_jsonl(self.root / "data" / f"{skill}_{split}.jsonl"), tok)
+
+    def load(self, state: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state[name])
+
+    def score(self, state: dict | None = None, split: str = "holdout") -> dict[str, float]:
+        if state is not None:
+            self.load(state)
+        res = {s: round(self.scorers[s, split](self.model), 4) for s in self.skills}
+        res["combined"] = round(sum(res[s] for s in self.skills) / len(self.skills), 4)
+        return res
+
+
+def uniform_recipes(n_models: int, n_layers: int) -> dict[str, tuple[str, list[list[float]], list[list[float]] | None]]:
+    """The plain merges the search must beat: name -> (method, weights, densities)."""
+    def const(v: float) -> list[list[float]]:
+        return [[v] * n_layers for _ in range(n_models)]
+
+    return {
+        "linear (average)": ("linear", const(1.0), None),
+        "task_arithmetic w=1": ("task_arithmetic", const(1.0), None),
+        f"task_arithmetic w=1/{n_models}": ("task_arithmetic", const(1.0 / n_models), None),
+        "ties w=1 d=1 (defaults)": ("ties", const(1.0), const(1.0)),
+        "ties w=1 d=0.5": ("ties", const(1.0), const(0.5)),
+        "ties w=0.5 d=0.5": ("ties", const(0.5), const(0.5)),
+    }
+
+
+def random_recipe_search(bench: _Bench, tv: TaskVectors, n_layers: int, trials: int, seed: int = 0,
+                         methods: Sequence[str] = ("ties", "task_arithmetic"), refine: int = 0
+                         ) -> tuple[float, tuple[str, list[list[float]], list[list[float]]]]:
+    """A throwaway search of per-model, per-layer weight in [0, 1] and density in [0.1, 1] on the search items
+    (random sampling, then `refine` steps of a (1+1)-ES around the best); returns (search score, recipe)."""
+    rng = random.Random(seed)
+    n = len(tv.deltas)
+    best: tuple[float, Any] = (-1.0, None)
+    for _ in range(trials):
+        method = rng.choice(list(methods))
+        w = [[rng.uniform(0, 1) for _ in range(n_layers)] for _ in range(n)]
+        d = [[rng.uniform(0.1, 1) for _ in range(n_layers)] for _ in range(n)]
+        s = bench.score(tv.merge(method, w, d), "search")["combined"]
+        if s > best[0]:
+            best = (s, (method, w, d))
+    sigma = 0.15
+    for _ in range(refine):
+        method, w, d = best[1]
+        w2 = [[min(1.0, max(0.0, x + rng.gauss(0, sigma))) for x in row] for row in w]
+        d2 = [[min(1.0, max(0.1, x + rng.gauss(0, sigma))) for x in row] for row in d]
+        s = bench.score(tv.merge(method, w2, d2), "search")["combined"]
+        if s >= best[0]:
+            best = (s, (method, w2, d2))
+    return best
+
+
+def soup_state(states: Sequence[dict]) -> dict:
+    """The uniform average of state dicts (one soup)."""
+    return {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
+
+
+def greedy_soup(states: Sequence[dict], score: Callable[[dict], float]) -> tuple[list[int], float]:
+    """Model-soups greedy recipe: sort by individual score, keep each checkpoint only if the soup's score improves.
+    Returns (chosen indices in order of addition, score of the soup)."""
+    order = sorted(range(len(states)), key=lambda i: -score(states[i]))
+    chosen = [order[0]]
+    best = score(states[order[0]])
+    for i in order[1:]:
+        s = score(soup_state([states[j] for j in [*chosen, i]]))
+        if s > best:
+            chosen.append(i)
+            best = s
+    return chosen, best
+
+
+def evaluate_family(out_dir: Path, trials: int = 150, refine: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Measure the family's key properties on held-out items (self-check, not the product's evaluator):
+    specialists and base per skill, the plain merges, the best recipe of a quick random search (+ (1+1)-ES
+    refinement) on the search items, and the soups (greedy chosen on search items, all reported on held-out)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise ValueError(f"{out_dir}: no demo build here")
+    skills = tuple(manifest["models"]["specialists"])
+    n_layers = manifest["plan"]["layers"]
+    bench = _Bench(out_dir, (*skills, SOUP_TASK))
+    base = _state(out_dir / "base")
+    specs = [_state(out_dir / manifest["models"]["specialists"][s]) for s in skills]
+    tv = TaskVectors(base, specs)
+
+    def merged(state: dict, split: str = "holdout") -> dict[str, float]:
+        bench.load(state)
+        res = {s: round(bench.scorers[s, split](bench.model), 4) for s in skills}
+        res["combined"] = round(sum(res[s] for s in skills) / len(skills), 4)
+        return res
+
+    report: dict[str, Any] = {"skills": list(skills), "holdout_items": manifest["plan"]["n_holdout"]}
+    report["parents"] = {"base": merged(base), **{f"spec_{s}": merged(st) for s, st in zip(skills, specs)}}
+    report["uniform_merges"] = {name: merged(tv.merge(m, w, d)) for name, (m, w, d)
+                                in uniform_recipes(len(specs), n_layers).items()}
+    t = time.perf_counter()
+    rng = random.Random(seed)
+    best: tuple[float, Any] = (-1.0, None)
+    for _ in range(trials):
+        method = rng.choice(["ties", "task_arithmetic"])
+        w = [[rng.uniform(0, 1) for _ in range(n_layers)] for _ in specs]
+        d = [[rng.uniform(0.1, 1) for _ in range(n_layers)] for _ in specs]
+        s = merged(tv.merge(method, w, d), "search")["combined"]
+        if s > best[0]:
+            best = (s, (method, w, d))
+    for _ in range(refine):
+        method, w, d = best[1]
+        w2 = [[min(1.0, max(0.0, x + rng.gauss(0, 0.1))) for x in row] for row in w]
+        d2 = [[min(1.0, max(0.1, x + rng.gauss(0, 0.1))) for x in row] for row in d]
+        s = merged(tv.merge(method, w2, d2), "search")["combined"]
+        if s >= best[0]:
+            best = (s, (method, w2, d2))
+    method, w, d = best[1]
+    report["best_recipe"] = {
+        "method": method, "models": list(skills),
+        "weight": [[round(x, 3) for x in row] for row in w],
+        "density": [[round(x, 3) for x in row] for row in d],
+        "search_score": round(best[0], 4), "holdout": merged(tv.merge(method, w, d)),
+        "trials": trials + refine, "seconds": round(time.perf_counter() - t, 1),
+    }
+    ceiling = max([v["combined"] for v in report["parents"].values()]
+                  + [v["combined"] for v in report["uniform_merges"].values()])
+    report["best_recipe"]["margin_over_parents_and_uniform"] = round(report["best_recipe"]["holdout"]["combined"]
+                                                                     - ceiling, 4)
+
+    soup_states = [_state(out_dir / p) for p in manifest["models"]["soup"]]
+
+    def soup_score(state: dict, split: str) -> float:
+        bench.load(state)
+        return round(bench.scorers[SOUP_TASK, split](bench.model), 4)
+
+    chosen, _ = greedy_soup(soup_states, lambda st: soup_score(st, "search"))
+    report["soup"] = {
+        "task": SOUP_TASK, "operation": SOUP_SKILL,
+        "checkpoints": {p: soup_score(st, "holdout") for p, st in zip(manifest["models"]["soup"], soup_states)},
+        "base": soup_score(base, "holdout"),
+        "uniform_soup": soup_score(soup_state(soup_states), "holdout"),
+        "greedy_soup": soup_score(soup_state([soup_states[i] for i in chosen]), "holdout"),
+        "greedy_ingredients": [manifest["models"]["soup"][i] for i in chosen],
+    }
+    return report
