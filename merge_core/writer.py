@@ -277,6 +277,7 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
 
     largest = max((math.prod(spec.shape) for spec in specs), default=0)
     tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy, out_numel=largest)
+    tensors = _finite_only(tensors, out_dtype)
     if progress is not None:
         tensors = _counting(tensors, len(plan), progress)
     first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
@@ -286,6 +287,18 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
         config_yaml=dump_config(config), source_folder=first.path,
         tokenizer_folder=tokenizer_source_path(config, sources) if copy_tokenizer else None,
         max_shard_bytes=max_shard_bytes, card_extra=card_extra, force=force)
+
+
+def _finite_only(tensors: Iterator[tuple[str, torch.Tensor]], out_dtype: torch.dtype
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass tensors through; a NaN/inf in one stops the merge (the atomic writer then leaves nothing behind)."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MergeConfigError(
+                f"the merged tensor has NaN/inf values (NaN/inf in a source, or values beyond the range of "
+                f"{str(out_dtype).removeprefix('torch.')}: try dtype/out_dtype float32); nothing was written",
+                f"tensor {name}")
+        yield name, tensor
 
 
 def _counting(items: Iterator, total: int, progress: Callable[[int, int], None]) -> Iterator:

@@ -68,6 +68,21 @@ def test_nan_in_a_source_is_a_non_finite_merge(zoo, tmp_path):
         engine.materialize(config, check_finite=True)
 
 
+@pytest.mark.parametrize("value, dtype", [(float("nan"), "float32"), (4e4, "float16")], ids=["nan-source", "float16"])
+def test_merge_cli_refuses_to_write_non_finite_weights(zoo, tmp_path, value, dtype):
+    from conftest import run_cli
+
+    loud = loud_model(zoo, tmp_path, value)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(zoo["base"]),
+                                      "dtype": dtype, "models": [{"model": str(loud), "parameters": {"weight": 2.0}}]}))
+    proc = run_cli("merge", config, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and TENSOR in lines[0] and "NaN/inf" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 # ---- the search: faulty candidates fail with a reason, the others run ------------------------------------
 def write_loud_study(zoo, root: Path, loud: Path, trials: int, merge_extra: dict | None = None,
                      params: dict | None = None, method: str = "task_arithmetic") -> Path:
