@@ -17,6 +17,12 @@ from search import StudyError
 BEST_CONFIG = "best_config.yaml"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so readers see the old or the new file, never a partial one.
 
@@ -30,6 +36,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise StudyError(f"cannot write: {err.strerror or err}", str(path)) from None
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())     # mkstemp makes 0600; an export is a normal file
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -210,7 +210,11 @@ class SearchSpace:
     def profile(self, genome: dict[str, float]) -> dict[str, list[float]]:
         """Per-layer values of each (param, model, group) row, for plots and reports."""
         rows: dict[str, list[float]] = {}
+        names = [_short(ref) for ref in self.model_refs]
+        if len(set(names)) < len(names):
+            names = [f"m{i}" for i in range(len(names))]
         for g in self.genes:
-            key = ".".join(p for p in [g.param, f"m{g.model}" if g.model is not None else None, g.group] if p)
+            model = names[g.model] if g.model is not None else None
+            key = ".".join(p for p in [g.param, model, g.group] if p)
             rows.setdefault(key, []).append(float(genome[g.name]))
         return rows
