@@ -149,6 +149,25 @@ def model_card(config_yaml: str, title: str = "Merged model", extra: str = "") -
             f"{extra.strip()}\n\n## Merge configuration\n\n```yaml\n{config_yaml.strip()}\n```\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    """Delete `.NAME.partial-PID` / `.NAME.old-PID` folders left by killed writers (their PID is gone): a killed
+    7B export leaves gigabytes behind otherwise. Folders of live processes are left alone."""
+    for path in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = path.name[len(target.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class AtomicFolder:
     """A temporary sibling folder that replaces `target` on success and disappears on failure."""
 
@@ -159,6 +178,7 @@ class AtomicFolder:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+            _remove_stale_siblings(self.target)
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
         except OSError as err:

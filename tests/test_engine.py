@@ -4,6 +4,7 @@ per trial without disk I/O or new model objects, and `mergesearch merge` writes 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -180,6 +181,24 @@ def test_failed_write_leaves_no_partial_folder(zoo, tmp_path, monkeypatch):
         writer.merge_to_folder(cfg, existing, device="cpu", force=True)
     assert (existing / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_writers_partial_folder_is_removed_by_the_next_write(zoo, tmp_path):
+    import subprocess
+    import sys
+
+    from merge_core.writer import merge_to_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # a PID that no longer runs
+    stale = tmp_path / f".out.partial-{dead.pid}"
+    (stale / "x").mkdir(parents=True)
+    alive = tmp_path / f".out.partial-{os.getppid()}"   # a live process's folder: not ours to delete
+    alive.mkdir()
+    unrelated = tmp_path / ".out.notes-1"
+    unrelated.mkdir()
+    merge_to_folder(parse_config(CONFIGS["linear"](zoo)), tmp_path / "out", device="cpu")
+    assert not stale.exists() and alive.is_dir() and unrelated.is_dir()
 
 
 def test_cli_user_errors_are_one_line(zoo, tmp_path):
