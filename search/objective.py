@@ -115,6 +115,10 @@ class TrialRunner:
         """The staged-evaluation callback: report to the pruner, prune, honour a stop request."""
         per_item = self.study.pruner.name == "wilcoxon"
         prunes = self.study.pruner.name != "none" and not self.study.multi_objective
+        # Seed trials (each parent, the uniform merge, ...) are the reference rows of every table: they report,
+        # so the pruner can compare against them, but are never pruned themselves (a specialist parent scores
+        # ~0 on the other tasks and would be pruned on its first items).
+        may_prune = "seed" not in trial.user_attrs
 
         def report(progress) -> None:
             if self.stop.is_set():
@@ -126,7 +130,7 @@ class TrialRunner:
                     trial.report(score, step)
             else:
                 trial.report(progress.result.score, progress.done)
-            if trial.should_prune():
+            if may_prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {progress.done} of {progress.total} items")
 
         return report

@@ -103,6 +103,8 @@ def test_wilcoxon_pruner_sees_paired_per_item_values(zoo, tmp_path):
     steps = [set(t.intermediate_values) for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     assert steps and all(s == steps[0] for s in steps)          # same items, same steps, every trial
     assert all(set(t.intermediate_values.values()) <= {0.0, 1.0} for t in finished)
+    seeds = [t for t in study.trials if "seed" in t.user_attrs]
+    assert seeds and all(t.state == optuna.trial.TrialState.COMPLETE for t in seeds)   # references, never pruned
 
 
 def test_export_writes_config_and_model_with_scores(zoo, tmp_path):
