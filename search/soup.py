@@ -7,6 +7,7 @@ soups are materialized by merge_core's SoupEngine (running sum), never written t
 from __future__ import annotations
 
 import glob
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ def expand_checkpoints(entries: list, base_dir: Path, where: str) -> list[Path]:
         raise StudyError("give a list of checkpoint folders or globs", where)
     out: list[Path] = []
     for entry in entries:
-        pattern = str(entry)
+        pattern = os.path.expanduser(str(entry))
         full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
         matches = sorted(glob.glob(full), key=_natural) if glob.has_magic(full) else [full]
         matches = [Path(m) for m in matches if Path(m).is_dir()]
@@ -79,10 +80,10 @@ def load_soup(path: Path | str) -> SoupConfig:
     evaluation = parse_evaluation_block(data["evaluation"], base, where=f"{where}: evaluation")
     write_model = data.get("write_model")
     return SoupConfig(
-        name=name, path=path.absolute(), output_dir=base / str(data.get("output_dir", f"runs/{name}")),
+        name=name, path=path.absolute(), output_dir=base / Path(str(data.get("output_dir", f"runs/{name}"))).expanduser(),
         checkpoints=expand_checkpoints(data.get("checkpoints"), base, f"{where}: checkpoints"),
         evaluation=evaluation, mode=mode, strict=bool(data.get("strict", True)), dtype=data.get("dtype"),
-        device=str(data.get("device", "auto")), write_model=base / write_model if write_model else None)
+        device=str(data.get("device", "auto")), write_model=base / Path(str(write_model)).expanduser() if write_model else None)
 
 
 @dataclass

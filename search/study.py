@@ -182,7 +182,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError("needs a name made of letters, digits, '.', '_' or '-'", f"{where}: name")
     base_dir = path.parent.absolute()
-    output_dir = base_dir / str(data.get("output_dir", f"runs/{name}"))
+    output_dir = base_dir / Path(str(data.get("output_dir", f"runs/{name}"))).expanduser()
     merge_raw = _mapping(data.get("merge"), f"{where}: merge")
     if not merge_raw:
         raise StudyError("missing the merge block (a mergekit config the search fills in)", f"{where}: merge")
@@ -218,7 +218,8 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     soup_config = data.get("soup_config")
     if "soup" in seeds and not soup_config:
         raise StudyError("seed trial 'soup' needs soup_config: path/to/soup_config.yaml", f"{where}: seed_trials")
-    if soup_config and not (base_dir / str(soup_config)).is_file():
+    soup_config = Path(str(soup_config)).expanduser() if soup_config else None
+    if soup_config and not (base_dir / soup_config).is_file():
         raise StudyError(f"file not found: {soup_config}", f"{where}: soup_config")
     final = _mapping(data.get("final"), f"{where}: final")
     _reject_unknown(final, {"top_k"}, f"{where}: final")
@@ -229,7 +230,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         trials=trials, timeout=parse_duration(budget.get("timeout"), f"{where}: budget.timeout"),
         multi_objective=multi, seed_trials=tuple(seeds), top_k=int(final.get("top_k", 5)),
         device=str(data.get("device", "auto")), storage=data.get("storage"), seed=seed,
-        soup_config=base_dir / str(soup_config) if soup_config else None)
+        soup_config=base_dir / soup_config if soup_config else None)
 
 
 def load_yaml(path: Path | str, kind: str = "study") -> dict:

@@ -144,3 +144,15 @@ def test_soup_user_errors(tmp_path, checkpoints):
     proc = run_cli("soup", path)
     assert proc.returncode == 2 and "no checkpoint folder matches" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_home_relative_paths_expand(tmp_path, checkpoints, monkeypatch):
+    monkeypatch.setenv("HOME", str(checkpoints.parent))
+    path = write_soup(tmp_path, checkpoints)
+    data = yaml.safe_load(path.read_text())
+    data["checkpoints"] = [f"~/{checkpoints.name}/checkpoint-*"]
+    data["output_dir"] = "~/soup-out"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_soup(path)
+    assert [p.name for p in cfg.checkpoints] == [f"checkpoint-{i}00" for i in range(1, 6)]
+    assert cfg.output_dir == checkpoints.parent / "soup-out"
