@@ -252,7 +252,7 @@ def parity(method: str, ours: Path, theirs: Path, base: Path, config: Path) -> d
                     unexplained += positions.numel()
         return {"check": "max |mergesearch CLI - mergekit| over all tensors (float32)", "max_abs_diff": worst,
                 "worst_tensor": where, "elements_over_1e-5": differing,
-                "of_which_not_at_a_tied_density_boundary": unexplained,
+                "of_which_not_at_a_tie": unexplained,
                 "ok": worst <= 1e-5 or unexplained == 0}
     ref = read_folder(base)
     num = sum(float((a[k].double() - ref[k].double()).square().sum()) for k in ref if k in a)
@@ -263,8 +263,11 @@ def parity(method: str, ours: Path, theirs: Path, base: Path, config: Path) -> d
 
 
 def _not_boundary_ties(config_path: Path, name: str, positions) -> int:
-    """How many of `positions` (flat, in tensor `name`) are NOT an element whose |delta_j| equals model j's
-    top-k boundary value for some j while that value occurs more than once (a tie the trim must cut)."""
+    """How many of `positions` (flat, in tensor `name`) are explained by neither of the two ties that mergekit and
+    we may resolve differently: (1) an element whose |delta_j| equals model j's top-k boundary value while that
+    value occurs more than once (a tie the trim must cut; mergekit's argsort is unstable), (2) a sign election
+    whose weighted sum of kept deltas is zero up to float32 rounding (1e-6 of its terms: the summation order
+    decides the sign)."""
     import numpy as np
 
     from merge_core.config import load_config
@@ -278,15 +281,26 @@ def _not_boundary_ties(config_path: Path, name: str, positions) -> int:
     _, model_params = resolve_tensor_params(config, get_method(config.merge_method), task)
     base_ref, base_name = task.sources[task.base_index]
     base = sources[base_ref].read(base_name, config_dtype(config)).reshape(-1)
-    explained = np.zeros(positions.numel(), dtype=bool)
+    at = positions.numpy()
+    explained = np.zeros(at.size, dtype=bool)
+    signed_sum = np.zeros(at.size)
+    magnitude_sum = np.zeros(at.size)
     for i, (ref, tensor) in enumerate(task.sources):
-        if i == task.base_index or model_params[i]["density"] >= 1:
+        if i == task.base_index:
             continue
-        mag = (sources[ref].read(tensor, config_dtype(config)).reshape(-1) - base).abs().numpy()
-        k = max(1, int(model_params[i]["density"] * mag.size))
-        boundary = np.partition(mag, mag.size - k)[mag.size - k]
-        if np.count_nonzero(mag == boundary) > 1:
-            explained |= mag[positions.numpy()] == boundary
+        delta = (sources[ref].read(tensor, config_dtype(config)).reshape(-1) - base).numpy()
+        mag = np.abs(delta)
+        kept = np.ones(at.size, dtype=bool)
+        if model_params[i].get("density", 1.0) < 1:
+            k = max(1, int(model_params[i]["density"] * mag.size))
+            boundary = np.partition(mag, mag.size - k)[mag.size - k]
+            if np.count_nonzero(mag == boundary) > 1:
+                explained |= mag[at] == boundary
+            kept = mag[at] > boundary
+        term = kept * float(model_params[i].get("weight", 1.0)) * delta[at].astype(np.float64)
+        signed_sum += term
+        magnitude_sum += np.abs(term)
+    explained |= np.abs(signed_sum) <= 1e-6 * magnitude_sum
     return int((~explained).sum())
 
 
