@@ -103,6 +103,7 @@ def plot_profile(space, genome: dict[str, float], path: Path, title: str) -> Pat
     for key, values in sorted(rows.items()):
         xs = list(range(len(values)))
         ax.plot(xs, values, marker="o", label=key)
+    ax.set_xticks(range(max(len(v) for v in rows.values())))
     ax.set_xlabel("layer" if space.anchors == space.num_layers else "anchor")
     ax.set_ylabel("value")
     ax.set_title(title)
