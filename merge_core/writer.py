@@ -149,7 +149,8 @@ def model_card(config_yaml: str, title: str = "Merged model", extra: str = "") -
             f"{extra.strip()}\n\n## Merge configuration\n\n```yaml\n{config_yaml.strip()}\n```\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -164,7 +165,7 @@ def _remove_stale_siblings(target: Path) -> None:
     7B export leaves gigabytes behind otherwise. Folders of live processes are left alone."""
     for path in target.parent.glob(f".{target.name}.*-*"):
         kind, _, pid = path.name[len(target.name) + 2:].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from search import StudyError
 from search.export import folder_lock, write_best_config
+from merge_core.writer import pid_alive
 from search.space import SearchSpace
 from search.study import StudyConfig, load_study
 
@@ -229,7 +230,7 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
         worker = t.user_attrs.get("worker")
         if worker is not None:
             name, _, pid = worker.rpartition(":")
-            if name != host or not pid.isdigit() or _alive(int(pid)):
+            if name != host or not pid.isdigit() or pid_alive(int(pid)):
                 continue
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -238,16 +239,6 @@ def fail_dead_local_trials(study: optuna.Study) -> None:
                             worker or "(died while asking for it)")
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> optuna.Trial | str:
