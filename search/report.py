@@ -84,8 +84,9 @@ def plot_history(study, path: Path) -> Path:
     ax.scatter(xs, ys, s=12, alpha=0.6, label="trial (search split)")
     ax.step(xs, best, where="post", color="C3", label="best so far")
     seeds = [t for t in complete if "seed" in t.user_attrs]
-    for t in seeds:
-        ax.annotate(t.user_attrs["seed"], (t.number, t.user_attrs.get("score", 0)), fontsize=7)
+    for i, t in enumerate(seeds):          # seeds often score alike: stagger their labels
+        ax.annotate(t.user_attrs["seed"], (t.number, t.user_attrs.get("score", 0)), fontsize=7,
+                    xytext=(6, -10 + 9 * (i % 3)), textcoords="offset points")
     ax.set_xlabel("trial")
     ax.set_ylabel("score")
     ax.set_title("optimization history")
