@@ -381,7 +381,16 @@ def _worker_main(study_path: str, storage_url: str | None, budget: Budget, devic
 
         if torch.cuda.device_count() > 1:
             device = f"cuda:{index % torch.cuda.device_count()}"
-    run_worker(load_study(study_path), storage_url, budget, device, stop)
+    from evaluators import EvalError
+    from merge_core.errors import MergeConfigError
+
+    try:
+        study_cfg = load_study(study_path)
+        with storage_failures(storage_url or study_cfg.storage_url()):
+            run_worker(study_cfg, storage_url, budget, device, stop)
+    except (StudyError, MergeConfigError, EvalError) as err:     # one line, as the CLI prints it
+        print(f"mergesearch search: error: worker {index}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _stop_with_parent(parent: int | None) -> None:
@@ -521,6 +530,10 @@ def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progre
             p.join()
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if failed and not stop.is_set():
+        if len(failed) == len(procs):      # nothing ran the budget out: no outputs to write from a broken run
+            raise StudyError(f"all {len(procs)} workers stopped on an error (above); the trials stored so far "
+                             "are kept: fix it and run the same command to resume", _redact(storage_url or
+                                                                                           study_cfg.storage_url()))
         log.warning("%d worker(s) exited with an error (codes %s)", len(failed), failed)
 
 

@@ -262,20 +262,22 @@ def test_resume_after_a_kill_while_seeding_queues_the_missing_seeds(zoo, tmp_pat
 
 
 @pytest.mark.slow
-def test_storage_failing_mid_run_is_one_line_and_the_same_command_resumes(zoo, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_storage_failing_mid_run_is_one_line_and_the_same_command_resumes(zoo, tmp_path, workers):
     """The disk fills up under study.db mid-search (RLIMIT_FSIZE; the CLI ignores SIGXFSZ): one line, exit 2,
     the trials stored so far are kept, and the same command finishes the study once there is room."""
     import resource
 
     path = write_study(tmp_path, zoo, trials=40, sampler="random", holdout=0.0, n_items=8, granularity="global")
-    args = [sys.executable, "-m", "search.cli", "search", str(path), "--no-progress"]
+    args = [sys.executable, "-m", "search.cli", "search", str(path), "--no-progress", "--workers", workers]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MERGESEARCH_HEARTBEAT": "1"}
     limit = 300 * 1024
     full = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert full.returncode == 2, full.stderr
-    line = full.stderr.strip().splitlines()[-1]
-    assert line.startswith("mergesearch search: error: sqlite:///") and "the storage failed" in line, line
+    errors = [line for line in full.stderr.strip().splitlines() if line.startswith("mergesearch search: error: ")]
+    assert errors and full.stderr.strip().splitlines()[-1] == errors[-1], full.stderr   # ends on the error
+    assert any("sqlite:///" in line and "the storage failed" in line for line in errors), full.stderr
     assert "Traceback" not in full.stderr
     cfg = load_study(path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
