@@ -39,6 +39,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,13 +125,15 @@ def json_example(rng: random.Random) -> tuple[str, str]:
     return f"Text: {text}\nJSON:", target
 
 
-def json_row(rng: random.Random) -> dict:
-    prompt, target = json_example(rng)
+def generated_row(example, rng: random.Random) -> dict:
+    """A training pair of a generate skill: the prompt, the target and a newline."""
+    prompt, target = example(rng)
     return {"prompt": prompt, "answer": " " + target + "\n"}
 
 
-def json_item(rng: random.Random) -> dict:
-    prompt, target = json_example(rng)
+def generated_item(example, rng: random.Random) -> dict:
+    """An evaluation item of a generate skill: exact match up to the newline."""
+    prompt, target = example(rng)
     return {"prompt": prompt, "target": target, "stop": ["\n"]}
 
 
@@ -158,16 +161,6 @@ def french_example(rng: random.Random) -> tuple[str, str]:
     return f"English: {det} {en_adj} {en_noun}\nFrench:", french
 
 
-def french_row(rng: random.Random) -> dict:
-    prompt, target = french_example(rng)
-    return {"prompt": prompt, "answer": " " + target + "\n"}
-
-
-def french_item(rng: random.Random) -> dict:
-    prompt, target = french_example(rng)
-    return {"prompt": prompt, "target": target, "stop": ["\n"]}
-
-
 @dataclass(frozen=True)
 class Skill:
     name: str
@@ -189,8 +182,10 @@ class Skill:
 
 SKILLS = {
     "math": Skill("math", math_row, math_item, "multiple_choice", steps=120, lr=2e-4, checkpoint_every=20),
-    "json": Skill("json", json_row, json_item, "generate", steps=24, lr=1e-4, max_new_tokens=32),
-    "french": Skill("french", french_row, french_item, "generate", steps=96, lr=2e-4, max_new_tokens=12),
+    "json": Skill("json", partial(generated_row, json_example), partial(generated_item, json_example), "generate",
+                  steps=24, lr=1e-4, max_new_tokens=32),
+    "french": Skill("french", partial(generated_row, french_example), partial(generated_item, french_example),
+                    "generate", steps=96, lr=2e-4, max_new_tokens=12),
 }
 N_TASK, N_TEST = 160, 100
 
