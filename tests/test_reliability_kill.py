@@ -282,7 +282,10 @@ def test_storage_failing_mid_run_is_one_line_and_the_same_command_resumes(zoo, t
     cfg = load_study(path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
     kept = {t.number: t.params for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert 0 < len(kept) < 40
+    assert len(kept) < 40
+    # one worker always completes some trials first; two fill the WAL faster (concurrent writers hold off its
+    # checkpoints), sometimes before the first trial completes
+    assert kept or workers != "1"
     resumed = subprocess.run(args + ["--trials", str(len(kept) + 3)], env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
