@@ -27,11 +27,11 @@ wrecks the other two. Recipes with per-model, per-layer weights (shift low in th
 strong) and trimmed densities recover most of all three skills; the search has to find that shape, nothing in the
 build hands it over.
 
-The soup: one fine-tune of the base on a fourth skill, ``M`` mirror the alphabet (``M abcde = hgfed``), at a flat
-learning rate that is too high to settle, with a checkpoint every 50 steps (``soup/checkpoint-<step>``). Its items
-offer the copy and two near misses (one slip from the gold), so a noisy checkpoint loses points: the early
-checkpoints are poor and drag the uniform soup down, the late ones are noisy and their average (the greedy soup)
-beats the best single checkpoint.
+The soup: one fine-tune of the base on the sort skill at a flat learning rate too high to settle (6e-3, a
+checkpoint every 40 steps: ``soup/checkpoint-<step>``), plus a short run far too hot (2e-2:
+``soup/checkpoint-hot-<step>``). Its own items (``data/soup_*.jsonl``, 6 choices) offer the copy and near misses
+(one slip from the gold), so a noisy checkpoint loses points: the hot checkpoints drag the uniform soup far down,
+the flat-rate ones are noisy and the greedy soup of them beats the best single checkpoint.
 
 Build: seeded and deterministic on one machine (bytes and `content_hash` repeat; one torch thread by default, so
 the core count does not matter); built into a temporary sibling folder and renamed into place, so an interrupted
@@ -735,11 +735,12 @@ def uniform_recipes(n_models: int, n_layers: int) -> dict[str, tuple[str, list[l
     }
 
 
-def random_recipe_search(bench: _Bench, tv: TaskVectors, n_layers: int, trials: int, seed: int = 0,
-                         methods: Sequence[str] = ("ties", "task_arithmetic"), refine: int = 0
-                         ) -> tuple[float, tuple[str, list[list[float]], list[list[float]]]]:
-    """A throwaway search of per-model, per-layer weight in [0, 1] and density in [0.1, 1] on the search items
-    (random sampling, then `refine` steps of a (1+1)-ES around the best); returns (search score, recipe)."""
+def random_recipe_search(score: Callable[[dict], float], tv: TaskVectors, n_layers: int, trials: int,
+                         seed: int = 0, methods: Sequence[str] = ("ties", "task_arithmetic"), refine: int = 0,
+                         sigma: float = 0.1) -> tuple[float, tuple[str, list[list[float]], list[list[float]]]]:
+    """A throwaway search of per-model, per-layer weight in [0, 1] and density in [0.1, 1], scored by `score`
+    (a merged state dict -> search-split score): random sampling, then `refine` steps of a (1+1)-ES with step
+    `sigma` around the best; returns (search score, recipe)."""
     rng = random.Random(seed)
     n = len(tv.deltas)
     best: tuple[float, Any] = (-1.0, None)
@@ -747,15 +748,14 @@ def random_recipe_search(bench: _Bench, tv: TaskVectors, n_layers: int, trials: 
         method = rng.choice(list(methods))
         w = [[rng.uniform(0, 1) for _ in range(n_layers)] for _ in range(n)]
         d = [[rng.uniform(0.1, 1) for _ in range(n_layers)] for _ in range(n)]
-        s = bench.score(tv.merge(method, w, d), "search")["combined"]
+        s = score(tv.merge(method, w, d))
         if s > best[0]:
             best = (s, (method, w, d))
-    sigma = 0.15
     for _ in range(refine):
         method, w, d = best[1]
         w2 = [[min(1.0, max(0.0, x + rng.gauss(0, sigma))) for x in row] for row in w]
         d2 = [[min(1.0, max(0.1, x + rng.gauss(0, sigma))) for x in row] for row in d]
-        s = bench.score(tv.merge(method, w2, d2), "search")["combined"]
+        s = score(tv.merge(method, w2, d2))
         if s >= best[0]:
             best = (s, (method, w2, d2))
     return best
@@ -806,22 +806,8 @@ def evaluate_family(out_dir: Path, trials: int = 150, refine: int = 100, seed: i
     report["uniform_merges"] = {name: merged(tv.merge(m, w, d)) for name, (m, w, d)
                                 in uniform_recipes(len(specs), n_layers).items()}
     t = time.perf_counter()
-    rng = random.Random(seed)
-    best: tuple[float, Any] = (-1.0, None)
-    for _ in range(trials):
-        method = rng.choice(["ties", "task_arithmetic"])
-        w = [[rng.uniform(0, 1) for _ in range(n_layers)] for _ in specs]
-        d = [[rng.uniform(0.1, 1) for _ in range(n_layers)] for _ in specs]
-        s = merged(tv.merge(method, w, d), "search")["combined"]
-        if s > best[0]:
-            best = (s, (method, w, d))
-    for _ in range(refine):
-        method, w, d = best[1]
-        w2 = [[min(1.0, max(0.0, x + rng.gauss(0, 0.1))) for x in row] for row in w]
-        d2 = [[min(1.0, max(0.1, x + rng.gauss(0, 0.1))) for x in row] for row in d]
-        s = merged(tv.merge(method, w2, d2), "search")["combined"]
-        if s >= best[0]:
-            best = (s, (method, w2, d2))
+    best = random_recipe_search(lambda state: merged(state, "search")["combined"], tv, n_layers, trials, seed,
+                                refine=refine)
     method, w, d = best[1]
     report["best_recipe"] = {
         "method": method, "models": list(skills),
