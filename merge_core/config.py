@@ -87,10 +87,7 @@ class MergeConfig:
 
     def resolve_model(self, ref: str) -> Path:
         """The folder of model reference `ref`: relative paths are taken against the YAML file's folder."""
-        path = Path(ref).expanduser()
-        if not path.is_absolute() and self.base_dir is not None:
-            path = self.base_dir / path
-        return path
+        return resolve_path(ref, self.base_dir)
 
     def referenced_models(self) -> list[str]:
         """Every model reference, each once, in order of first appearance (base model last if not listed)."""
@@ -424,6 +421,12 @@ def _slice(entry: Any, method: MergeMethod, top_base: str | None, where: str, lo
                   f"{loc}.base_model" if base is None and top_base is None else "base_model")
     return OutputSlice(tuple(sources), base, None if residual is None else float(residual),
                        _parameters(entry.get("parameters"), method, where, f"{loc}.parameters", False))
+
+
+def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
+    """A path written in a YAML file: `~` expanded, relative paths taken against the file's folder `base_dir`."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
 def load_config(path: str | Path) -> MergeConfig:

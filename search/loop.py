@@ -26,9 +26,9 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from merge_core.writer import pid_alive
 from search import StudyError
 from search.export import folder_lock, write_best_config
-from merge_core.writer import pid_alive
 from search.space import SearchSpace
 from search.study import StudyConfig, load_study
 
@@ -389,7 +389,8 @@ def _worker_main(study_path: str, storage_url: str | None, budget: Budget, devic
         with storage_failures(storage_url or study_cfg.storage_url()):
             run_worker(study_cfg, storage_url, budget, device, stop)
     except (StudyError, MergeConfigError, EvalError) as err:     # one line, as the CLI prints it
-        print(f"mergesearch search: error: worker {index}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        message = " ".join(str(err).split())
+        print(f"mergesearch search: error: worker {index}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -7,7 +7,6 @@ soups are materialized by merge_core's SoupEngine (running sum), never written t
 from __future__ import annotations
 
 import glob
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +34,17 @@ class SoupConfig:
 
 def expand_checkpoints(entries: list, base_dir: Path, where: str) -> list[Path]:
     """Paths or globs (relative to the YAML's folder) -> existing folders, in natural order, no duplicates."""
+    from merge_core.config import resolve_path
+
     if not isinstance(entries, list) or not entries:
         raise StudyError("give a list of checkpoint folders or globs", where)
     out: list[Path] = []
     for entry in entries:
-        pattern = os.path.expanduser(str(entry))
-        full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
+        full = str(resolve_path(entry, base_dir))
         matches = sorted(glob.glob(full), key=_natural) if glob.has_magic(full) else [full]
         matches = [Path(m) for m in matches if Path(m).is_dir()]
         if not matches:
-            raise StudyError(f"no checkpoint folder matches {pattern!r}", where)
+            raise StudyError(f"no checkpoint folder matches {str(entry)!r}", where)
         out += [m for m in matches if m not in out]
     if len(out) < 2:
         raise StudyError(f"a soup needs at least 2 checkpoints, found {len(out)}", where)
@@ -59,6 +59,7 @@ def _natural(text: str):
 
 def load_soup(path: Path | str) -> SoupConfig:
     from evaluators.tasks import parse_evaluation_block
+    from merge_core.config import resolve_path
 
     path = Path(path)
     data = load_yaml(path, "soup")
@@ -80,10 +81,10 @@ def load_soup(path: Path | str) -> SoupConfig:
     evaluation = parse_evaluation_block(data["evaluation"], base, where=f"{where}: evaluation")
     write_model = data.get("write_model")
     return SoupConfig(
-        name=name, path=path.absolute(), output_dir=base / Path(str(data.get("output_dir", f"runs/{name}"))).expanduser(),
+        name=name, path=path.absolute(), output_dir=resolve_path(data.get("output_dir", f"runs/{name}"), base),
         checkpoints=expand_checkpoints(data.get("checkpoints"), base, f"{where}: checkpoints"),
         evaluation=evaluation, mode=mode, strict=bool(data.get("strict", True)), dtype=data.get("dtype"),
-        device=str(data.get("device", "auto")), write_model=base / Path(str(write_model)).expanduser() if write_model else None)
+        device=str(data.get("device", "auto")), write_model=resolve_path(write_model, base) if write_model else None)
 
 
 @dataclass

@@ -173,7 +173,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     """Validate a loaded study YAML (a dict) that came from `path`."""
     from evaluators.tasks import parse_evaluation_block
     from merge_core import MergeConfigError
-    from merge_core.config import parse_config
+    from merge_core.config import parse_config, resolve_path
 
     where = path.name
     data = _mapping(data, where)
@@ -182,7 +182,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
         raise StudyError("needs a name made of letters, digits, '.', '_' or '-'", f"{where}: name")
     base_dir = path.parent.absolute()
-    output_dir = base_dir / Path(str(data.get("output_dir", f"runs/{name}"))).expanduser()
+    output_dir = resolve_path(data.get("output_dir", f"runs/{name}"), base_dir)
     merge_raw = _mapping(data.get("merge"), f"{where}: merge")
     if not merge_raw:
         raise StudyError("missing the merge block (a mergekit config the search fills in)", f"{where}: merge")
@@ -218,8 +218,8 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     soup_config = data.get("soup_config")
     if "soup" in seeds and not soup_config:
         raise StudyError("seed trial 'soup' needs soup_config: path/to/soup_config.yaml", f"{where}: seed_trials")
-    soup_config = Path(str(soup_config)).expanduser() if soup_config else None
-    if soup_config and not (base_dir / soup_config).is_file():
+    soup_path = resolve_path(soup_config, base_dir) if soup_config else None
+    if soup_path and not soup_path.is_file():
         raise StudyError(f"file not found: {soup_config}", f"{where}: soup_config")
     final = _mapping(data.get("final"), f"{where}: final")
     _reject_unknown(final, {"top_k"}, f"{where}: final")
@@ -230,7 +230,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         trials=trials, timeout=parse_duration(budget.get("timeout"), f"{where}: budget.timeout"),
         multi_objective=multi, seed_trials=tuple(seeds), top_k=int(final.get("top_k", 5)),
         device=str(data.get("device", "auto")), storage=data.get("storage"), seed=seed,
-        soup_config=base_dir / soup_config if soup_config else None)
+        soup_config=soup_path)
 
 
 def load_yaml(path: Path | str, kind: str = "study") -> dict:
