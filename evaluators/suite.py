@@ -193,6 +193,10 @@ class Suite:
                 step += 1
         return out
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Items per task and split: {task: {"search": n, "holdout": n}}."""
+        return {t.spec.name: {split: len(t.splits[split]) for split in ("search", "holdout")} for t in self._tasks}
+
     def size(self, split: str = "search") -> int:
         """Number of items evaluated on `split`."""
         self._check_split(split)

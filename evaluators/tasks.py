@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,8 @@ def parse_evaluation_block(block: Any, base_dir: Path | str = ".", where: str = 
         raise EvalError("must be a non-empty list of tasks", f"{where}.tasks")
     specs = [TaskSpec.from_dict(t, base_dir, f"{where}.tasks[{i}]") for i, t in enumerate(raw_tasks)]
     check_unique_names(specs, f"{where}.tasks")
+    if sum(s.weight for s in specs) <= 0:
+        raise EvalError("every task has weight 0: give at least one task a weight > 0", f"{where}.tasks")
     holdout = block.get("holdout", 0.0)
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0.0 <= holdout < 1.0:
         raise EvalError(f"must be a fraction in [0, 1), got {holdout!r}", f"{where}.holdout")
@@ -182,7 +185,7 @@ def load_items(spec: TaskSpec, path: Path | None = None) -> list[Item]:
     if spec.kind not in LOCAL_KINDS or path is None:
         raise EvalError(f"not a local JSONL task (kind {spec.kind})", spec.name)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()   # a BOM (Windows editors) is not data
     except FileNotFoundError:
         raise EvalError("task file not found", str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
@@ -303,7 +306,7 @@ def _optional_path(raw: dict, key: str, base_dir: Path, where: str) -> Path | No
     if not isinstance(value, str | Path) or not str(value):
         raise EvalError("must be a path", f"{where}.{key}")
     path = Path(value).expanduser()
-    return path if path.is_absolute() else base_dir / path
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 
 
 def _optional_int(raw: dict, key: str, where: str, minimum: int) -> int | None:

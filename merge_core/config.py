@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -424,9 +425,12 @@ def _slice(entry: Any, method: MergeMethod, top_base: str | None, where: str, lo
 
 
 def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
-    """A path written in a YAML file: `~` expanded, relative paths taken against the file's folder `base_dir`."""
+    """A path written in a YAML file: `~` expanded, relative paths taken against the file's folder `base_dir`,
+    `..` and `.` folded (symbolic links are kept as written)."""
     path = Path(str(value)).expanduser()
-    return path if path.is_absolute() or base_dir is None else base_dir / path
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return Path(os.path.normpath(path))
 
 
 def load_config(path: str | Path) -> MergeConfig:
@@ -469,7 +473,7 @@ def _params_to_plain(params: Parameters) -> dict[str, Any]:
 
 def config_to_dict(cfg: MergeConfig, absolute_paths: bool = False) -> dict[str, Any]:
     """The config as a plain mergekit dict (model references as written, or resolved with absolute_paths)."""
-    ref = (lambda r: str(cfg.resolve_model(r).resolve())) if absolute_paths else (lambda r: r)
+    ref = (lambda r: os.path.abspath(cfg.resolve_model(r))) if absolute_paths else (lambda r: r)
     out: dict[str, Any] = {"merge_method": cfg.merge_method}
     if cfg.base_model is not None:
         out["base_model"] = ref(cfg.base_model)

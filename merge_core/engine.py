@@ -253,13 +253,7 @@ class MergeEngine:
     def tokenizer(self):
         """The tokenizer of the config's tokenizer source (base model, else first model), loaded once."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            source = self.tokenizer_source()
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-            except (OSError, ValueError) as err:
-                raise MergeConfigError(f"cannot load a tokenizer from {source}: {err}", "tokenizer_source") from None
+            self._tokenizer = load_tokenizer(self.tokenizer_source())
         return self._tokenizer
 
     def tokenizer_source(self) -> Path:
@@ -267,6 +261,16 @@ class MergeEngine:
 
     def resident_bytes(self) -> int:
         return sum(i.resident_bytes() for i in self._inputs)
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in `folder` (never running code from it); MergeConfigError if there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise MergeConfigError(f"cannot load a tokenizer from {folder}: {err}", "tokenizer_source") from None
 
 
 def tokenizer_source_path(config: MergeConfig, sources: dict[str, ModelSource]) -> Path:
@@ -361,8 +365,6 @@ class SoupEngine:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.sources[0].path, trust_remote_code=False)
+            self._tokenizer = load_tokenizer(self.sources[0].path)
         return self._tokenizer
 

@@ -173,7 +173,7 @@ class AtomicFolder:
     """A temporary sibling folder that replaces `target` on success and disappears on failure."""
 
     def __init__(self, target: Path, force: bool = False):
-        self.target = Path(target).absolute()
+        self.target = Path(os.path.abspath(target))
         if self.target.exists() and not force:
             raise MergeConfigError("output folder already exists (pass --force to replace it)", str(target))
         try:
@@ -204,6 +204,24 @@ class AtomicFolder:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False
+
+
+def check_output_folder(target: Path, inputs: Iterable[Path], force: bool = False) -> None:
+    """Refuse, before any work, an output folder that exists (unless `force`) or that is, or holds, one of the
+    `inputs` (never, even with `force`: replacing it would destroy what the merge reads)."""
+    target = Path(os.path.abspath(target))
+    real = target.resolve()
+    for source in inputs:
+        source_real = Path(source).resolve()
+        if source_real == real or real in source_real.parents:
+            what = "is" if source_real == real else "holds"
+            raise MergeConfigError(f"the output folder {what} one of this merge's inputs ({source}); "
+                                   "write the model to another folder", str(target))
+    if target.exists() and not force:
+        raise MergeConfigError("output folder already exists (pass --force to replace it)", str(target))
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise MergeConfigError(f"cannot create the output folder: {blocker} is a file, not a folder", str(target))
 
 
 def write_model_folder(out_dir: Path, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -288,6 +306,9 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
 
     dev = pick_device(device)
     sources = open_sources(config, allow_pickle)
+    tokenizer_folder = tokenizer_source_path(config, sources) if copy_tokenizer else None
+    check_output_folder(out_dir, [s.path for s in sources.values()] + [tokenizer_folder] * bool(tokenizer_folder),
+                        force)
     plan = plan_for(config, sources)
     compute = compute_dtype(config, sources)
     out_dtype = torch_dtype(config.out_dtype, "out_dtype") or compute
@@ -305,8 +326,8 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
     return write_model_folder(
         out_dir, specs, tensors,
         model_config=output_model_config(config, sources, plan, out_dtype),
-        config_yaml=dump_config(config), source_folder=first.path,
-        tokenizer_folder=tokenizer_source_path(config, sources) if copy_tokenizer else None,
+        config_yaml=dump_config(config, absolute_paths=True), source_folder=first.path,
+        tokenizer_folder=tokenizer_folder,
         max_shard_bytes=max_shard_bytes, card_extra=card_extra, force=force)
 
 
@@ -326,23 +347,3 @@ def _counting(items: Iterator, total: int, progress: Callable[[int, int], None])
     for i, item in enumerate(items, 1):
         yield item
         progress(i, total)
-
-
-def merge_command(args) -> int:
-    """`mergesearch merge CONFIG OUT_DIR`."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    config = load_config(args.config)
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
-    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as bar:
-        task_id = bar.add_task("merge", total=None)
-        out = merge_to_folder(
-            config, Path(args.out_dir), device=args.device, max_shard_bytes=parse_size(args.out_shard_size),
-            copy_tokenizer=args.copy_tokenizer, lazy=args.lazy, allow_pickle=args.allow_pickle,
-            seed=args.random_seed, force=args.force,
-            progress=lambda done, total: bar.update(task_id, completed=done, total=total))
-    console.print(f"merged {config.merge_method} -> {out} in {time.perf_counter() - t0:.1f}s")
-    return 0

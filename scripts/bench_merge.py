@@ -92,7 +92,7 @@ def build_family(root: Path, params: int, fine_tunes: int, seed: int = 0) -> Pat
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from search.toy import build_char_tokenizer
+    from tiny_models import build_char_tokenizer
 
     if (root / "COMPLETE").is_file():
         return root

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build (or reuse) the demo model family: base, specialists, soup checkpoints and JSONL tasks.
 
-Thin CLI over search.demo_models.build_demo_family; prints the manifest summary as JSON. `--verify` also measures
-the family's key properties (specialists, plain merges, a quick recipe search, soups) and prints them as JSON.
+Thin CLI over demo_family.build_demo_family; prints the manifest summary as JSON. `mergesearch demo` measures
+the family (parents, plain merges, the search, the soup) with the product itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the seconds-long test build (tiny, untrained-ish)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching build exists")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--verify", action="store_true", help="measure the family's properties after building")
-    parser.add_argument("--trials", type=int, default=150, help="random recipes tried by --verify (default 150)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import torch
 
-    from search.demo_models import build_demo_family, evaluate_family
+    from demo_family import build_demo_family
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
                                          "seconds", "models")}
     summary["out"] = str(Path(args.out).resolve())
     print(json.dumps(summary, indent=2))
-    if args.verify:
-        print(json.dumps(evaluate_family(args.out, trials=args.trials), indent=2))
     return 0
 
 

@@ -84,21 +84,28 @@ def config_header(trial_number: int, score: float | None, scores: dict[str, floa
     return "\n".join(lines) + "\n"
 
 
-def trial_config_yaml(trial) -> str:
-    """The full merge config YAML stored with a trial (StudyError if the trial has none)."""
+def trial_config_yaml(trial, base_dir: Path) -> str:
+    """The trial's merge config as YAML that runs from any folder: its model paths made absolute (configs
+    stored with paths relative to the study YAML's folder `base_dir` are rebased). StudyError if it has none."""
+    import yaml
+
+    from merge_core.config import dump_config, parse_config
+
     text = trial.user_attrs.get("config")
     if not text:
         raise StudyError(f"trial {trial.number} stores no merge config", "--trial")
-    return text
+    config = parse_config(yaml.safe_load(text), where=f"trial {trial.number}", base_dir=base_dir)
+    return dump_config(config, absolute_paths=True)
 
 
-def write_best_config(output_dir: Path, trial, split: str, study_name: str, score: float | None = None,
-                      scores: dict[str, float] | None = None, extra: dict | None = None) -> Path:
+def write_best_config(output_dir: Path, trial, split: str, study_name: str, base_dir: Path,
+                      score: float | None = None, scores: dict[str, float] | None = None,
+                      extra: dict | None = None) -> Path:
     """Rewrite output_dir/best_config.yaml atomically for `trial` (hold the folder's .best.lock)."""
     if score is None:
         score = trial.user_attrs.get("score", trial.values[0] if trial.values else None)
     scores = scores if scores is not None else trial.user_attrs.get("scores", {})
-    text = config_header(trial.number, score, scores, split, study_name, extra) + trial_config_yaml(trial)
+    text = config_header(trial.number, score, scores, split, study_name, extra) + trial_config_yaml(trial, base_dir)
     path = Path(output_dir) / BEST_CONFIG
     remove_temp_files(path)
     atomic_write_text(path, text)
@@ -118,41 +125,18 @@ def scores_card(trial, holdout: dict | None) -> str:
     return "\n".join(rows)
 
 
-def export_command(args) -> int:
-    """`mergesearch export STUDY.yaml [--trial N] [--out best.yaml] [--write-model DIR]`."""
-    from rich.console import Console
-
-    from merge_core.config import parse_config
-    from merge_core.writer import merge_to_folder
-    from search.loop import holdout_results, open_study
-    from search.study import load_study
-
-    console = Console(stderr=True)
-    study_cfg = load_study(args.study)
-    study = open_study(study_cfg, args.storage, create=False)
-    trial, split, score, scores = choose_trial(study, args.trial)
-    out = Path(args.out) if args.out else study_cfg.output_dir / BEST_CONFIG
-    text = config_header(trial.number, score, scores, split, study_cfg.name) + trial_config_yaml(trial)
-    if args.write_model:   # the model first: if it fails (disk full), neither output has changed
-        import yaml
-
-        config = parse_config(yaml.safe_load(trial_config_yaml(trial)), where=f"trial {trial.number}",
-                              base_dir=study_cfg.base_dir)
-        held = holdout_results(study).get(trial.number)
-        folder = merge_to_folder(config, Path(args.write_model), device=args.device, seed=study_cfg.seed,
-                                 card_extra=scores_card(trial, held), force=True)
-        console.print(f"merged model -> {folder}")
-    with folder_lock(out.parent, ".best.lock") if out.name == BEST_CONFIG else nullcontext():
-        atomic_write_text(out, text)
-    console.print(f"trial {trial.number} ({split} score {score:.4f}) -> {out}")
-    return 0
+def write_text(path: Path, text: str, locked: bool = False) -> None:
+    """Write an exported file atomically; `locked`: under the folder's .best.lock (best_config.yaml, which the
+    search also rewrites)."""
+    with folder_lock(path.parent, ".best.lock") if locked else nullcontext():
+        atomic_write_text(path, text)
 
 
 def choose_trial(study, number: int | None):
     """(trial, split, score, per-task scores): the given trial, else the held-out winner, else the best."""
     from optuna.trial import TrialState
 
-    from search.loop import holdout_results
+    from search.store import holdout_results
 
     held = holdout_results(study)
     if number is not None:

@@ -1,13 +1,12 @@
-"""The overnight loop: create or resume a study, run trials under a budget in one or several workers,
-keep best_config.yaml current, and finish with a held-out re-evaluation of the top trials.
+"""The overnight loop: run (or resume) a study under a trial/time budget in one or several workers, keep
+best_config.yaml current, and finish with a held-out re-evaluation of the top trials.
 
-Owns Optuna storage, samplers, pruners, the trial budget, signals and live progress; never merges
-or scores by itself (TrialRunner does).
+Owns the budget, workers, signals and finalizing; the storage and trial queries live in store, one trial
+in objective. Never merges or scores by itself.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import multiprocessing as mp
@@ -17,186 +16,53 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+# Private: heartbeats around ask/tell (Study.optimize runs them, ask/tell has no public hook); optuna is
+# pinned below 5.1 in pyproject.toml for this.
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from evaluators import EvalError
+from merge_core.errors import MergeConfigError
 from merge_core.writer import pid_alive
 from search import StudyError
 from search.export import folder_lock, write_best_config
+from search.objective import Interrupted, TrialRunner, check_inputs, fault_reason
+from search.report import publish_holdout, write_report
 from search.space import SearchSpace
+from search.store import (HEARTBEAT_S, MAX_RETRY, best_complete, check_creatable, close_storage, counted_trials,
+                          create_folder, holdout_results, make_storage, open_study, redact, retry_trial,
+                          storage_failures, study_differs, top_trials, trial_by_number)
 from search.study import StudyConfig, load_study
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# We run the heartbeat thread ourselves around ask/tell (see run_worker).
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# A worker's running trial refreshes its heartbeat every HEARTBEAT_S; without one for 3x that long it is
-# stale (its worker died) and is retried. MERGESEARCH_HEARTBEAT (seconds) changes it, e.g. for tests.
-HEARTBEAT_S = max(1, int(os.environ.get("MERGESEARCH_HEARTBEAT", "10")))
-GRACE_S = 3 * HEARTBEAT_S
-MAX_RETRY = 3
-SPACE_ATTR = "mergesearch_space"
 SEEDED_ATTR = "mergesearch_seeded"
 
 
-# ---- storage and study -----------------------------------------------------------------------------
-def make_storage(url: str):
-    """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
-    try:
-        if url.endswith((".log", ".journal")) and "://" not in url:
-            from optuna.storages.journal import JournalFileBackend
+class NoProgress:
+    """What run_search reports to when nobody watches (tests, scripts); the CLI passes a live display."""
 
-            return optuna.storages.JournalStorage(JournalFileBackend(url))
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=retry_trial)
-        if url.startswith("sqlite"):
-            _sqlite_wal(storage.engine)
-        return storage
-    except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StudyError(f"cannot open storage: {first}", _redact(url)) from None
+    @contextmanager
+    def running(self, study, study_cfg, trials, timeout):
+        yield self
 
+    def trial_done(self, study, trial) -> None: ...
 
-def _sqlite_wal(engine) -> None:
-    """WAL journal + synchronous=NORMAL: ~4x cheaper commits (per-item pruner reports), readers never
-    block the writer, and a killed process loses nothing committed (only a power cut could lose the
-    last transactions, never corrupt the file)."""
-    from sqlalchemy import event
+    def poll(self, study) -> None: ...
 
-    @event.listens_for(engine, "connect")
-    def _pragmas(conn, _record):
-        cursor = conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+    def note(self, text: str) -> None:
+        log.info(text)
 
-    engine.dispose()
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
-    return url
-
-
-def _sampler(study: StudyConfig, space: SearchSpace):
-    cfg = study.sampler
-    opts = dict(cfg.options)
-    if cfg.name == "cmaes":
-        # Sakana-style start (x0 in the middle of every range, sigma0 = 1/6 of it) is Optuna's default: it runs
-        # CMA-ES on ranges normalized to [0, 1], from mean 0.5 with sigma0 1/6 (passing x0/sigma0 is deprecated
-        # since Optuna 4.9 and prints a warning on every start).
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, **opts)
-    if cfg.name == "tpe":
-        opts.setdefault("multivariate", True)
-        return optuna.samplers.TPESampler(seed=cfg.seed, **opts)
-    if cfg.name == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed, **opts)
-    if cfg.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, **opts)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)
-
-
-def _pruner(study: StudyConfig):
-    cfg = study.pruner
-    opts = dict(cfg.options)
-    if cfg.name == "wilcoxon":
-        opts.setdefault("p_threshold", 0.1)
-        return optuna.pruners.WilcoxonPruner(**opts)
-    if cfg.name == "median":
-        opts.setdefault("n_startup_trials", 5)
-        return optuna.pruners.MedianPruner(**opts)
-    if cfg.name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**opts)
-    return optuna.pruners.NopPruner()
-
-
-def open_study(study_cfg: StudyConfig, storage_url: str | None = None, create: bool = True,
-               space: SearchSpace | None = None, new_study: bool = False) -> optuna.Study:
-    """Create the study or load the existing one; refuse to resume with a different search space."""
-    url = study_cfg.storage_url(storage_url)
-    if url.startswith("sqlite:///"):
-        _check_writable(Path(url.removeprefix("sqlite:///")).parent)
-    storage = make_storage(url)
-    exists = study_cfg.name in {s.study_name for s in _summaries(storage, url)}
-    if not create and not exists:
-        raise StudyError(f"no study named {study_cfg.name!r} in the storage (run `mergesearch search` first)",
-                         _redact(url))
-    if exists and new_study:
-        optuna.delete_study(study_name=study_cfg.name, storage=storage)
-        log.warning("deleted the existing study %r (--new-study)", study_cfg.name)
-        exists = False
-    kwargs = {}
-    if space is not None:
-        kwargs = {"sampler": _sampler(study_cfg, space), "pruner": _pruner(study_cfg)}
-    directions = ["maximize"] * (len(study_cfg.evaluation.tasks) if study_cfg.multi_objective else 1)
-    try:
-        study = optuna.create_study(study_name=study_cfg.name, storage=storage, directions=directions,
-                                    load_if_exists=True, **kwargs)
-    except ValueError as err:
-        raise StudyError(f"cannot resume study {study_cfg.name!r}: {err}", _redact(url)) from None
-    if space is not None:
-        stored = study.user_attrs.get(SPACE_ATTR)
-        if stored is None:
-            study.set_user_attr(SPACE_ATTR, space.signature())
-        elif stored != space.signature():
-            raise StudyError(f"study {study_cfg.name!r} exists with a different search space or merge "
-                             "(pass --new-study to replace it, or change `name`)", study_cfg.path.name)
-    return study
-
-
-def _summaries(storage, url: str):
-    try:
-        return optuna.get_all_study_summaries(storage, include_best_trial=False)
-    except Exception as err:  # noqa: BLE001
-        raise StudyError(f"cannot read storage: {str(err).splitlines()[0]}", _redact(url)) from None
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise StudyError(f"output folder is not writable: {err.strerror}", str(folder)) from None
-
-
-def holdout_results(study: optuna.Study) -> dict[int, dict]:
-    """Held-out re-evaluations stored in the study: trial number -> {score, scores}."""
-    return {int(k): v for k, v in (study.user_attrs.get("holdout") or {}).items()}
+    def summary(self, study, study_cfg) -> None: ...
+__all__ = ["MAX_RETRY", "Budget", "finalize", "open_study", "run_search", "run_worker"]
 
 
 # ---- the budget --------------------------------------------------------------------------------------
-def _is_stale_failure(t: optuna.trial.FrozenTrial) -> bool:
-    """A FAILED trial whose worker died or was interrupted: retried, so it does not use the budget."""
-    return t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
-
-
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that used or use the budget: finished ones (but retried stale failures) and running ones."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state != TrialState.WAITING and not _is_stale_failure(t))
-
-
-def finished_trials(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-                   t.state == TrialState.FAIL and "fail_reason" in t.user_attrs))
-
 
 @dataclass
 class Budget:
@@ -205,17 +71,6 @@ class Budget:
 
     def time_left(self) -> bool:
         return self.deadline is None or time.time() < self.deadline
-
-
-def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
-    stamp: until its new worker stamps it, a popped retry must look unstamped (see fail_dead_local_trials)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    trial = copy.deepcopy(trial)
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-
 
 def fail_dead_local_trials(study: optuna.Study) -> None:
     """RUNNING trials whose worker is gone fail now and are retried, instead of waiting for a heartbeat.
@@ -304,15 +159,11 @@ class _advisory_lock:
 
 # ---- one worker ----------------------------------------------------------------------------------------
 def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, device: str | None,
-               stop: threading.Event, on_trial=None, runner=None) -> None:
+               stop: threading.Event, on_trial=None, runner=None, study: optuna.Study | None = None) -> None:
     """Ask/run/tell trials until the budget, the deadline or a stop request; updates best_config.yaml.
-    `runner`: a TrialRunner built with `stop` (default: build one here)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    from search.objective import Interrupted, TrialRunner, fault_reason
-
+    `runner`: a TrialRunner built with `stop`, `study`: the opened study (default: build / open them here)."""
     space = SearchSpace(study_cfg)
-    study = open_study(study_cfg, storage_url, space=space)
+    study = study or open_study(study_cfg, storage_url, space=space)
     runner = runner or TrialRunner(study_cfg, space, device=device, stop=stop)
     while not stop.is_set():
         trial = ask_within_budget(study, budget, study_cfg.output_dir)
@@ -352,25 +203,17 @@ def _finite(value) -> bool:
     return all(v is not None and math.isfinite(v) for v in values)
 
 
-def best_complete(study: optuna.Study):
-    """The completed trial with the best search score (mean of objectives when multi-objective)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return None
-    return max(complete, key=lambda t: (t.user_attrs.get("score", float("-inf")), -t.number))
-
-
 def maybe_write_best(study: optuna.Study, study_cfg: StudyConfig, trial=None) -> None:
     """Rewrite best_config.yaml if `trial` (or, without one, whatever is best) is the best so far."""
     with folder_lock(study_cfg.output_dir, ".best.lock"):
         best = best_complete(study)
         if best is None or (trial is not None and best.number != trial.number):
             return
-        write_best_config(study_cfg.output_dir, best, "search", study_cfg.name)
+        write_best_config(study_cfg.output_dir, best, "search", study_cfg.name, study_cfg.base_dir)
 
 
 def _worker_main(study_path: str, storage_url: str | None, budget: Budget, device: str | None,
-                 index: int, parent: int | None = None) -> None:
+                 index: int, parent: int | None = None, allow_pickle: bool = False) -> None:
     """Entry point of a spawned worker process."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -381,11 +224,8 @@ def _worker_main(study_path: str, storage_url: str | None, budget: Budget, devic
 
         if torch.cuda.device_count() > 1:
             device = f"cuda:{index % torch.cuda.device_count()}"
-    from evaluators import EvalError
-    from merge_core.errors import MergeConfigError
-
     try:
-        study_cfg = load_study(study_path)
+        study_cfg = load_study(study_path, allow_pickle=allow_pickle)
         with storage_failures(storage_url or study_cfg.storage_url()):
             run_worker(study_cfg, storage_url, budget, device, stop)
     except (StudyError, MergeConfigError, EvalError) as err:     # one line, as the CLI prints it
@@ -411,42 +251,29 @@ def _stop_with_parent(parent: int | None) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------------------
-def search_command(args) -> int:
-    """`mergesearch search STUDY.yaml [--trials N] [--timeout 8h] [--storage URL] [--workers N]`."""
-    from search.progress import SearchProgress
-    from search.study import parse_duration
-
-    study_cfg = load_study(args.study)
-    trials = args.trials if args.trials is not None else study_cfg.trials
-    timeout = parse_duration(args.timeout, "--timeout") if args.timeout else study_cfg.timeout
-    if trials is None and timeout is None:
-        raise StudyError("no budget: give budget.trials / budget.timeout in the YAML or --trials / --timeout",
-                         study_cfg.path.name)
-    if args.workers < 1:
-        raise StudyError("must be at least 1", "--workers")
-    device = args.device if args.device != "auto" else study_cfg.device
-    return run_search(study_cfg, trials=trials, timeout=timeout, storage_url=args.storage, workers=args.workers,
-                      device=device, new_study=args.new_study, progress=SearchProgress(not args.no_progress))
-
-
 def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | None, storage_url: str | None = None,
                workers: int = 1, device: str | None = None, new_study: bool = False, progress=None) -> int:
-    """Run (or resume) the study to its budget, then finalize; returns the exit status."""
-    from search.objective import TrialRunner, check_inputs
-    from search.progress import SearchProgress
-
-    progress = progress or SearchProgress(False)
-    _check_writable(study_cfg.output_dir)
+    """Run (or resume) the study to its budget, then finalize; returns the exit status (0, or 130 when
+    interrupted: what was done is written and the same command resumes)."""
+    progress = progress or NoProgress()
     space = SearchSpace(study_cfg)
-    # Every user error (a model, a task file, the storage, a changed space) is raised before anything in
-    # the storage or output_dir changes: cheap input checks, the storage, then the resident runner.
-    check_inputs(study_cfg, space)
-    study = open_study(study_cfg, storage_url, space=space, new_study=new_study)
+    # Every user error (a model, a task file, the device, a changed space, the output folder) is raised before
+    # anything is created: checks first, then the resident runner (it loads every input), then the storage.
+    check_creatable(study_cfg.output_dir)
+    check_inputs(study_cfg, space, device=device, tokenize=workers > 1)
+    if not new_study and study_differs(study_cfg, space, storage_url):
+        raise StudyError(f"study {study_cfg.name!r} exists with a different search space or merge "
+                         "(pass --new-study to replace it, or change `name`)", study_cfg.path.name)
     stop = threading.Event()
     runner = TrialRunner(study_cfg, space, device=device, stop=stop) if workers == 1 else None
-    budget = Budget(trials, time.time() + timeout if timeout else None)
+    create_folder(study_cfg.output_dir)
+    storage = make_storage(study_cfg.storage_url(storage_url))
     previous = {sig: signal.signal(sig, _stop_handler(stop)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        study = open_study(study_cfg, storage_url, space=space, new_study=new_study, storage=storage)
+        if new_study:
+            log.warning("replaced the existing study %r (--new-study)", study_cfg.name)
+        budget = Budget(trials, time.time() + timeout if timeout else None)
         with storage_failures(study_cfg.storage_url(storage_url)):
             seed_study(study, space)
             maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
@@ -455,6 +282,7 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        close_storage(storage)
     return 130 if stop.is_set() else 0
 
 
@@ -474,29 +302,12 @@ def _run_and_finalize(study_cfg, study, space, storage_url, budget, device, work
     with progress.running(study, study_cfg, trials, timeout):
         if workers == 1:
             run_worker(study_cfg, storage_url, budget, device, stop,
-                       on_trial=lambda s, t: progress.trial_done(s, t), runner=runner)
+                       on_trial=lambda s, t: progress.trial_done(s, t), runner=runner, study=study)
         else:
             _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study)
     if stop.is_set():
         progress.note("stopping: interrupted, writing outputs (Ctrl-C again to skip the held-out re-evaluation)")
     finalize(study_cfg, study, space, device, progress, runner=runner)
-
-
-@contextmanager
-def storage_failures(url: str):
-    """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
-    traceback: what it had stored is kept, and the same command resumes once it works again."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        yield
-    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
-        cause: BaseException = err
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise StudyError(f"the storage failed: {text} (trials stored so far are kept; fix it and run the "
-                         "same command to resume)", _redact(url)) from None
 
 
 def seed_study(study: optuna.Study, space: SearchSpace) -> None:
@@ -514,7 +325,8 @@ def seed_study(study: optuna.Study, space: SearchSpace) -> None:
 def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progress, study) -> None:
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(str(study_cfg.path), storage_url, budget, device, i,
-                                                    os.getpid()), daemon=False) for i in range(workers)]
+                                                    os.getpid(), study_cfg.allow_pickle), daemon=False)
+             for i in range(workers)]
     for p in procs:
         p.start()
     try:
@@ -533,8 +345,8 @@ def _run_processes(study_cfg, storage_url, budget, device, workers, stop, progre
     if failed and not stop.is_set():
         if len(failed) == len(procs):      # nothing ran the budget out: no outputs to write from a broken run
             raise StudyError(f"all {len(procs)} workers stopped on an error (above); the trials stored so far "
-                             "are kept: fix it and run the same command to resume", _redact(storage_url or
-                                                                                           study_cfg.storage_url()))
+                             "are kept: fix it and run the same command to resume",
+                             redact(study_cfg.storage_url(storage_url)))
         log.warning("%d worker(s) exited with an error (codes %s)", len(failed), failed)
 
 
@@ -543,8 +355,6 @@ def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, de
              runner=None) -> None:
     """Held-out re-evaluation of the top-k trials, export of the held-out winner, trials.csv and report.
     `runner`: the search's TrialRunner, reused for the re-evaluation (default: build one)."""
-    from search.report import write_report
-
     top = top_trials(study, study_cfg.top_k)
     if top and study_cfg.evaluation.has_holdout:
         seeds = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -557,9 +367,11 @@ def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, de
     if held:
         winner = max(held, key=lambda n: (held[n]["score"], -n))
         study.set_user_attr("holdout_winner", winner)
-        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == winner)
+        trial = trial_by_number(study, winner)
+        publish_holdout(study, study_cfg, trial, held[winner])
         with folder_lock(study_cfg.output_dir, ".best.lock"):
-            write_best_config(study_cfg.output_dir, trial, "held-out", study_cfg.name, held[winner]["score"],
+            write_best_config(study_cfg.output_dir, trial, "held-out", study_cfg.name, study_cfg.base_dir,
+                              held[winner]["score"],
                               held[winner]["scores"], extra={"search score": trial.user_attrs.get("score")})
     elif top:
         maybe_write_best(study, study_cfg)
@@ -567,29 +379,27 @@ def finalize(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, de
     progress.summary(study, study_cfg)
 
 
-def top_trials(study: optuna.Study, k: int) -> list:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(complete, key=lambda t: (-t.user_attrs.get("score", float("-inf")), t.number))[:k]
 
 
 def reevaluate_holdout(study_cfg: StudyConfig, study: optuna.Study, space: SearchSpace, trials: list,
                        device: str | None, progress, runner=None) -> None:
     """Score the given trials on the held-out split (skipping ones already done); store in the study."""
-    import yaml
-
-    from merge_core.config import parse_config
-    from search.objective import TrialRunner
-
     done = holdout_results(study)
     todo = [t for t in trials if t.number not in done]
     if not todo:
         return
-    progress.note(f"held-out re-evaluation of the top {len(trials)} trials")
+    progress.note(f"held-out re-evaluation of {len(todo)} trials ({describe(todo)})")
     runner = runner or TrialRunner(study_cfg, space, device=device)
     for trial in todo:
-        config = parse_config(yaml.safe_load(trial.user_attrs["config"]), where=f"trial {trial.number}",
-                              base_dir=study_cfg.base_dir)
-        result, _, _ = runner.evaluate(config, "holdout")
+        result, _, _ = runner.evaluate(space.config(trial.params), "holdout")
         done[trial.number] = {"score": result.score, "scores": {t.name: t.score for t in result.tasks},
                               "stderr": {t.name: t.stderr for t in result.tasks}}
         study.set_user_attr("holdout", {str(k): v for k, v in done.items()})
+
+
+def describe(trials: list) -> str:
+    """'the best 5 + 3 seed trials' for a list of trials."""
+    seeds = sum(1 for t in trials if "seed" in t.user_attrs)
+    best = len(trials) - seeds
+    parts = ([f"the best {best} by search score"] if best else []) + ([f"{seeds} seed trials"] if seeds else [])
+    return " + ".join(parts)

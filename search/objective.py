@@ -50,18 +50,27 @@ def fault_reason(err: BaseException) -> str | None:
     return None
 
 
-def check_inputs(study: StudyConfig, space: SearchSpace) -> None:
-    """The cheap half of building a TrialRunner, run before the storage or output_dir is touched: every
-    model folder opens (safetensors headers only) and agrees with the others, every local task file parses.
+def check_inputs(study: StudyConfig, space: SearchSpace, device: str | None = None, tokenize: bool = False):
+    """The cheap half of building a TrialRunner, run before the storage or output_dir is touched: the device
+    exists, every model folder opens (safetensors headers only) and agrees with the others, every local task
+    file parses; with `tokenize`, the suite is built too (tokenizer, lm-eval tasks, splits) and returned.
     Raises the same one-line user errors (MergeConfigError, EvalError) the runner would."""
+    from evaluators.suite import Suite
     from evaluators.tasks import LOCAL_KINDS, load_items
-    from merge_core.engine import open_sources, plan_for
+    from merge_core.engine import load_tokenizer, open_sources, pick_device, plan_for, tokenizer_source_path
 
+    pick_device(device or study.device)
     config = space.config(space.constant(space.default_values()))
-    plan_for(config, open_sources(config))
+    sources = open_sources(config, study.allow_pickle)
+    plan_for(config, sources)
     for spec in study.evaluation.tasks:
         if spec.kind in LOCAL_KINDS:
             load_items(spec)
+            if spec.holdout_path is not None:
+                load_items(spec, spec.holdout_path)
+    if not tokenize:
+        return None
+    return Suite.from_config(study.evaluation, load_tokenizer(tokenizer_source_path(config, sources)))
 
 
 class TrialRunner:
@@ -77,7 +86,8 @@ class TrialRunner:
         self.stop = stop or threading.Event()
         t0 = time.perf_counter()
         first = space.config(space.constant(space.default_values()))
-        self.engine = MergeEngine(first, device=device or study.device, seed=study.seed)
+        self.engine = MergeEngine(first, device=device or study.device, seed=study.seed,
+                                  allow_pickle=study.allow_pickle)
         self.suite = Suite.from_config(study.evaluation, self.engine.tokenizer, device=self.engine.device)
         self.setup_seconds = time.perf_counter() - t0
 
@@ -100,6 +110,7 @@ class TrialRunner:
         from merge_core.config import dump_config
 
         config = self.space.config(genome)
+        # As written in the study (paths relative to its YAML): exports rebase them, so a moved run still exports.
         trial.set_user_attr("config", dump_config(config))
         result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial))
         trial.set_user_attr("scores", {t.name: t.score for t in result.tasks})

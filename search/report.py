@@ -11,8 +11,11 @@ import logging
 from pathlib import Path
 
 from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
 
 from search.export import atomic_write_text
+from search.store import best_complete, holdout_results, top_trials
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def plot_importances(study, path: Path) -> Path | None:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 4 or study._is_multi_objective():
+    if len(complete) < 4 or len(study.directions) > 1:
         return None
     try:
         importances = optuna.importance.get_param_importances(study)
@@ -133,7 +136,7 @@ def plot_importances(study, path: Path) -> Path | None:
 
 
 def plot_pareto(study, task_names: list[str], path: Path) -> Path | None:
-    if not study._is_multi_objective() or len(task_names) < 2:
+    if not len(study.directions) > 1 or len(task_names) < 2:
         return None
     plt = _plt()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -151,9 +154,6 @@ def plot_pareto(study, task_names: list[str], path: Path) -> Path | None:
 
 def write_report(study_cfg, study, space) -> Path:
     """Write output_dir/trials.csv and output_dir/report/{*.png, report.html}; returns report.html."""
-    from search.loop import best_complete
-    from search.progress import summary_table
-
     out = study_cfg.output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_trials_csv(study, study_cfg.output_dir / "trials.csv")
@@ -165,8 +165,6 @@ def write_report(study_cfg, study, space) -> Path:
                                    f"recipe of trial {best.number} (per layer)"))
     images.append(plot_importances(study, out / "importances.png"))
     images.append(plot_pareto(study, [t.name for t in study_cfg.evaluation.tasks], out / "pareto.png"))
-    from rich.console import Console
-
     console = Console(record=True, width=140, file=io.StringIO())
     console.print(summary_table(study, study_cfg))
     summary = console.export_text()
@@ -189,16 +187,51 @@ def write_report(study_cfg, study, space) -> Path:
     return page
 
 
-def report_command(args) -> int:
-    """`mergesearch report STUDY.yaml`."""
-    from rich.console import Console
+def summary_table(study, study_cfg) -> Table:
+    """Seed trials (parents, uniform, defaults) and the best found, per task, search and held-out."""
+    held = holdout_results(study)
+    rows = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "seed" in t.user_attrs]
+    winner = study.user_attrs.get("holdout_winner")
+    best = [t for t in study.get_trials(deepcopy=False) if t.number == winner] or top_trials(study, 1)
+    tasks = [t.name for t in study_cfg.evaluation.tasks]
+    table = Table(title=f"study {study_cfg.name}: held-out scores (search in brackets)")
+    table.add_column("candidate")
+    table.add_column("trial", justify="right")
+    for name in tasks:
+        table.add_column(name, justify="right")
+    table.add_column("combined", justify="right", style="bold")
+    for t in rows + [b for b in best if b.number not in {r.number for r in rows}]:
+        label = t.user_attrs.get("seed", "best found")
+        if best and t.number == best[0].number:
+            label = f"{label} *" if "seed" in t.user_attrs else "best found"
+        h = held.get(t.number, {})
+        cells = []
+        for name in tasks:
+            s = t.user_attrs.get("scores", {}).get(name)
+            hv = h.get("scores", {}).get(name)
+            cells.append(f"{hv:.3f} ({s:.3f})" if hv is not None else (f"- ({s:.3f})" if s is not None else "-"))
+        hs, ss = h.get("score"), t.user_attrs.get("score")
+        cells.append(f"{hs:.3f} ({ss:.3f})" if hs is not None else f"- ({ss:.3f})")
+        table.add_row(label, str(t.number), *cells)
+    return table
 
-    from search.loop import open_study
-    from search.space import SearchSpace
-    from search.study import load_study
 
-    study_cfg = load_study(args.study)
-    study = open_study(study_cfg, args.storage, create=False)
-    page = write_report(study_cfg, study, SearchSpace(study_cfg))
-    Console(stderr=True).print(f"report -> {page}")
-    return 0
+def holdout_markdown(study, study_cfg) -> str:
+    """The summary table (seed trials and the held-out winner, held-out with search in brackets) as Markdown."""
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(summary_table(study, study_cfg))
+    return "```\n" + console.export_text() + "```\n"
+
+
+def publish_holdout(study, study_cfg, trial, held: dict) -> None:
+    """Make the held-out winner visible to Optuna tools: study user attributes (optuna-dashboard's "Study User
+    Attributes" panel, `optuna studies`) and, when optuna-dashboard is installed, the study's note."""
+    line = (f"trial {trial.number}: held-out {held['score']:.4f} (search {trial.user_attrs.get('score', float('nan')):.4f})"
+            + "; " + ", ".join(f"{k} {v:.3f}" for k, v in held["scores"].items()))
+    study.set_user_attr("holdout_winner_summary", line)
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    save_note(study, f"## Held-out winner: trial {trial.number}\n\n{line}\n\n" + holdout_markdown(study, study_cfg)
+              + "\nExported as best_config.yaml (`mergesearch export` rebuilds it from this storage).\n")

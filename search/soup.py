@@ -7,12 +7,14 @@ soups are materialized by merge_core's SoupEngine (running sum), never written t
 from __future__ import annotations
 
 import glob
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from search import StudyError
-from search.study import load_yaml
+from search.report import _plt, save_figure
+from search.study import boolean, load_yaml
 
 SOUP_KEYS = {"name", "output_dir", "checkpoints", "evaluation", "mode", "strict", "dtype", "device",
              "write_model"}
@@ -30,6 +32,7 @@ class SoupConfig:
     dtype: str | None = None
     device: str = "auto"
     write_model: Path | None = None
+    allow_pickle: bool = False    # --allow-pickle (a command-line choice, never read from the YAML)
 
 
 def expand_checkpoints(entries: list, base_dir: Path, where: str) -> list[Path]:
@@ -52,12 +55,10 @@ def expand_checkpoints(entries: list, base_dir: Path, where: str) -> list[Path]:
 
 
 def _natural(text: str):
-    import re
-
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
-def load_soup(path: Path | str) -> SoupConfig:
+def load_soup(path: Path | str, allow_pickle: bool = False) -> SoupConfig:
     from evaluators.tasks import parse_evaluation_block
     from merge_core.config import resolve_path
 
@@ -80,11 +81,18 @@ def load_soup(path: Path | str) -> SoupConfig:
                          f"{where}: evaluation")
     evaluation = parse_evaluation_block(data["evaluation"], base, where=f"{where}: evaluation")
     write_model = data.get("write_model")
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32", "float64"):
+        raise StudyError(f"must be bfloat16, float16, float32 or float64, got {dtype!r}", f"{where}: dtype")
+    device = data.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise StudyError(f"must be auto, cpu, cuda or cuda:N, got {device!r}", f"{where}: device")
     return SoupConfig(
         name=name, path=path.absolute(), output_dir=resolve_path(data.get("output_dir", f"runs/{name}"), base),
         checkpoints=expand_checkpoints(data.get("checkpoints"), base, f"{where}: checkpoints"),
-        evaluation=evaluation, mode=mode, strict=bool(data.get("strict", True)), dtype=data.get("dtype"),
-        device=str(data.get("device", "auto")), write_model=resolve_path(write_model, base) if write_model else None)
+        evaluation=evaluation, mode=mode, strict=boolean(data.get("strict", True), f"{where}: strict"),
+        dtype=dtype, device=device, write_model=resolve_path(write_model, base) if write_model else None,
+        allow_pickle=allow_pickle)
 
 
 @dataclass
@@ -141,10 +149,10 @@ def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResu
 
     mode = mode or cfg.mode
     t0 = time.perf_counter()
-    engine = SoupEngine(cfg.checkpoints, device=cfg.device, dtype=cfg.dtype)
+    engine = SoupEngine(cfg.checkpoints, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
     ev = cfg.evaluation
     suite = Suite.from_config(ev, engine.tokenizer, device=engine.device)
-    names = [_label(p) for p in cfg.checkpoints]
+    names = [checkpoint_label(p) for p in cfg.checkpoints]
     say = console.print if console is not None else (lambda *a, **k: None)
 
     def score(model, split="search") -> float:
@@ -195,7 +203,7 @@ def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResu
                       time.perf_counter() - t0)
 
 
-def _label(path: Path) -> str:
+def checkpoint_label(path: Path) -> str:
     return path.name if path.name else str(path)
 
 
@@ -218,7 +226,7 @@ def write_outputs(cfg: SoupConfig, result: SoupResult, mode: str) -> dict[str, P
 
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    names = [_label(p) for p in cfg.checkpoints]
+    names = [checkpoint_label(p) for p in cfg.checkpoints]
     chosen_names = ", ".join(names[i] for i in result.chosen)
     header = (f"# mergesearch soup {cfg.name!r} ({mode}): {len(result.chosen)} of {len(names)} checkpoints\n"
               f"# score: {mode} {result.greedy_score:.6g}, uniform {result.uniform_score:.6g}, best single "
@@ -253,8 +261,6 @@ def comparison_rows(result: SoupResult, names: list[str]) -> list[tuple[str, flo
 
 
 def plot_steps(result: SoupResult, path: Path) -> Path:
-    from search.report import _plt, save_figure
-
     plt = _plt()
     greedy = [s for s in result.steps if s.step > 0]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -269,43 +275,3 @@ def plot_steps(result: SoupResult, path: Path) -> Path:
     ax.set_title("greedy soup")
     ax.legend(loc="lower right")
     return save_figure(fig, path)
-
-
-def soup_command(args) -> int:
-    """`mergesearch soup SOUP.yaml [--mode greedy|uniform]`."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=True)
-    cfg = load_soup(args.soup)
-    if args.device != "auto":
-        cfg.device = args.device
-    mode = args.mode or cfg.mode
-    console.print(f"[bold]soup {cfg.name}[/]: {mode} over {len(cfg.checkpoints)} checkpoints")
-    result = run_soup(cfg, mode, console)
-    paths = write_outputs(cfg, result, mode)
-    names = [_label(p) for p in cfg.checkpoints]
-    table = Table(title=f"{mode} soup steps (selection items)")
-    for col in ("step", "candidate", "individual", "soup score", "kept"):
-        table.add_column(col)
-    for s in result.steps:
-        table.add_row(str(s.step), s.candidate, f"{s.individual:.4f}", f"{s.score:.4f}", "yes" if s.kept else "no")
-    console.print(table)
-    summary = Table(title="soups compared")
-    summary.add_column("soup")
-    summary.add_column("selection score", justify="right")
-    summary.add_column("report score", justify="right")
-    for label, value in comparison_rows(result, names):
-        rep = result.holdout.get(label.split(" (")[0])
-        summary.add_row(label, f"{value:.4f}", f"{rep:.4f}" if rep is not None else "-")
-    console.print(summary)
-    console.print(f"chosen: {', '.join(names[i] for i in result.chosen)} -> {paths['config']}")
-    target = Path(args.write_model) if args.write_model else cfg.write_model
-    if target is not None:
-        from merge_core.config import parse_config
-        from merge_core.writer import merge_to_folder
-
-        config = parse_config(soup_config_dict(cfg.checkpoints, result.chosen, cfg.dtype), where="soup")
-        merge_to_folder(config, target, device=cfg.device, force=True)
-        console.print(f"soup model -> {target}")
-    return 0

@@ -50,6 +50,10 @@ class SearchSpace:
         self.num_layers = self._num_layers()
         space = study.space
         self.anchors = {"global": 1, "layer": self.num_layers, "anchors": space.anchors}[space.granularity]
+        if self.anchors > self.num_layers:
+            raise StudyError(f"anchors:{self.anchors} asks for more anchors than the model has layers "
+                             f"({self.num_layers}); use at most anchors:{self.num_layers} or granularity: layer",
+                             f"{study.path.name}: space.granularity")
         self.groups: list[str | None] = [*space.per_filter, REST] if space.per_filter else [None]
         self.searched_models = [i for i, ref in enumerate(self.model_refs)
                                 if not (self.method.requires_base and self.method.delta_based and ref == self.base_ref)]

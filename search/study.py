@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from search import StudyError
+from search import StudyError, store
 
-SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random")
-PRUNERS = ("wilcoxon", "median", "halving", "none")
+SAMPLERS = tuple(store.SAMPLERS)
+PRUNERS = tuple(store.PRUNERS)
 FILTER_GROUPS_DEFAULT = ("self_attn", "mlp")
 TOP_LEVEL_KEYS = {"name", "output_dir", "merge", "space", "evaluation", "sampler", "pruner", "budget",
                   "objective", "seed_trials", "final", "device", "storage", "seed", "soup_config"}
@@ -86,6 +86,7 @@ class StudyConfig:
     storage: str | None = None
     seed: int = 0
     soup_config: Path | None = None  # a soup_config.yaml whose ingredients seed a trial
+    allow_pickle: bool = False       # --allow-pickle (a command-line choice, never read from the YAML)
 
     @property
     def base_dir(self) -> Path:
@@ -114,6 +115,22 @@ def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
         key = unknown[0]
         raise StudyError(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})",
                          f"{where} {key}" if where.endswith(":") else f"{where}.{key}" if where else key)
+
+
+def integer(value: Any, where: str, minimum: int | None = None) -> int:
+    """A YAML integer (not a bool, not a string), at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StudyError(f"must be an integer, got {value!r}", where)
+    if minimum is not None and value < minimum:
+        raise StudyError(f"must be an integer >= {minimum}, got {value}", where)
+    return value
+
+
+def boolean(value: Any, where: str) -> bool:
+    """A YAML boolean (true/false): a quoted "no" or a 0 is refused, not taken as its truthiness."""
+    if not isinstance(value, bool):
+        raise StudyError(f"must be true or false, got {value!r}", where)
+    return value
 
 
 def _bounds(value: Any, where: str) -> tuple[float, float]:
@@ -153,7 +170,7 @@ def parse_space(data: Any, where: str) -> SpaceConfig:
         raise StudyError("per_filter must be a list of tensor-name filters, e.g. [self_attn, mlp]",
                          f"{where}.per_filter")
     return SpaceConfig(params=bounds, granularity=gran, anchors=anchors, per_filter=tuple(per_filter),
-                       per_model=bool(data.get("per_model", True)))
+                       per_model=boolean(data.get("per_model", True), f"{where}.per_model"))
 
 
 def parse_named(data: Any, where: str, allowed: tuple[str, ...], default: str, file: str = "") -> tuple[str, dict]:
@@ -194,10 +211,13 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         raise StudyError("missing the evaluation block (tasks to score candidates on)", f"{where}: evaluation")
     evaluation = parse_evaluation_block(_mapping(data["evaluation"], f"{where}: evaluation"), base_dir,
                                         where=f"{where}: evaluation")
-    seed = int(data.get("seed", 0))
+    seed = integer(data.get("seed", 0), f"{where}: seed")
     s_name, s_opts = parse_named(data.get("sampler"), "sampler", SAMPLERS, "tpe", f"{where}: ")
-    s_seed = int(s_opts.pop("seed", seed))
+    s_seed = integer(s_opts.pop("seed", seed), f"{where}: sampler.seed")
     p_name, p_opts = parse_named(data.get("pruner"), "pruner", PRUNERS, "none", f"{where}: ")
+    # Built once here, thrown away: a typo in an option or a bad value is found before anything is created.
+    store.make_sampler(s_name, s_seed, s_opts, f"{where}: sampler")
+    store.make_pruner(p_name, p_opts, f"{where}: pruner")
     budget = _mapping(data.get("budget"), f"{where}: budget")
     _reject_unknown(budget, {"trials", "timeout"}, f"{where}: budget")
     trials = budget.get("trials")
@@ -205,7 +225,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         raise StudyError("trials must be a positive integer", f"{where}: budget.trials")
     objective = _mapping(data.get("objective"), f"{where}: objective")
     _reject_unknown(objective, {"multi"}, f"{where}: objective")
-    multi = bool(objective.get("multi", s_name == "nsga2"))
+    multi = boolean(objective.get("multi", s_name == "nsga2"), f"{where}: objective.multi")
     if multi and p_name != "none":
         raise StudyError("pruning is not available for multi-objective studies (set pruner: none)",
                          f"{where}: pruner")
@@ -223,13 +243,23 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
         raise StudyError(f"file not found: {soup_config}", f"{where}: soup_config")
     final = _mapping(data.get("final"), f"{where}: final")
     _reject_unknown(final, {"top_k"}, f"{where}: final")
+    top_k = final.get("top_k", 5)
+    if not isinstance(top_k, bool) and isinstance(top_k, int) and top_k < 1:
+        raise StudyError(f"must be at least 1, got {top_k} (to skip the held-out check, set evaluation.holdout: 0)",
+                         f"{where}: final.top_k")
+    top_k = integer(top_k, f"{where}: final.top_k", 1)
+    device = data.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise StudyError(f"must be auto, cpu, cuda or cuda:N, got {device!r}", f"{where}: device")
+    storage = data.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise StudyError(f"must be a storage URL, got {storage!r}", f"{where}: storage")
     return StudyConfig(
         name=name, path=path.absolute(), output_dir=output_dir, merge=merge, merge_raw=merge_raw,
         space=parse_space(data.get("space"), f"{where}: space"), evaluation=evaluation,
         sampler=SamplerConfig(s_name, s_seed, s_opts), pruner=PrunerConfig(p_name, p_opts),
         trials=trials, timeout=parse_duration(budget.get("timeout"), f"{where}: budget.timeout"),
-        multi_objective=multi, seed_trials=tuple(seeds), top_k=int(final.get("top_k", 5)),
-        device=str(data.get("device", "auto")), storage=data.get("storage"), seed=seed,
+        multi_objective=multi, seed_trials=tuple(seeds), top_k=top_k, device=device, storage=storage, seed=seed,
         soup_config=soup_path)
 
 
@@ -237,11 +267,15 @@ def load_yaml(path: Path | str, kind: str = "study") -> dict:
     """Read a YAML file; a missing file or a syntax error is a StudyError naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise StudyError(f"{kind} file not found", str(path)) from None
+    except IsADirectoryError:
+        raise StudyError(f"is a folder, not a {kind} file", str(path)) from None
     except OSError as err:
         raise StudyError(f"cannot read {kind} file: {err.strerror}", str(path)) from None
+    except UnicodeDecodeError as err:
+        raise StudyError(f"not a UTF-8 text file ({err.reason} at byte {err.start})", str(path)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -254,7 +288,9 @@ def load_yaml(path: Path | str, kind: str = "study") -> dict:
     return data
 
 
-def load_study(path: Path | str) -> StudyConfig:
-    """Load and validate a study YAML."""
+def load_study(path: Path | str, allow_pickle: bool = False) -> StudyConfig:
+    """Load and validate a study YAML (`allow_pickle`: the --allow-pickle choice of the command)."""
     path = Path(path)
-    return parse_study(load_yaml(path), path)
+    study = parse_study(load_yaml(path), path)
+    study.allow_pickle = allow_pickle
+    return study

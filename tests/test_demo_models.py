@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import search.demo_models as dm
+import demo_family as dm
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_cache_hit_skips_the_build(quick, monkeypatch):
 
 def test_interrupted_build_is_not_complete(tmp_path, monkeypatch):
     out = tmp_path / "family"
-    import search.toy as toy
+    import tiny_models as toy
 
     calls = {"n": 0}
     original = toy.save_model
@@ -197,60 +197,3 @@ def test_cli_wrapper(quick, tmp_path):
     res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "x"), "--quick"], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 2 and "not a demo build" in res.stderr
-
-
-def test_scorer_and_merge_helpers(quick):
-    m = dm.read_manifest(quick)
-    base = dm._state(quick / "base")
-    specs = [dm._state(quick / f) for f in m["models"]["specialists"].values()]
-    tv = dm.TaskVectors(base, specs)
-    layers = dm.QUICK_PLAN.layers
-    zero = tv.merge("task_arithmetic", [[0.0] * layers] * len(specs))
-    assert all((zero[k] - base[k]).abs().max() == 0 for k in base)
-    one = tv.merge("task_arithmetic", [[1.0] * layers] + [[0.0] * layers] * (len(specs) - 1))
-    assert all((one[k] - specs[0][k]).abs().max() < 1e-6 for k in base)
-    avg = tv.merge("linear", [[1.0] * layers] * len(specs))
-    assert all((avg[k] - sum(s[k] for s in specs) / len(specs)).abs().max() < 1e-6 for k in base)
-    ties = tv.merge("ties", [[1.0] * layers] * len(specs), [[1.0] * layers] * len(specs))
-    key = "model.layers.0.mlp.up_proj.weight"
-    deltas = [s[key] - base[key] for s in specs]
-    elected = (sum(deltas) >= 0).float() * 2 - 1
-    agree = [(d.sign() == elected).float() for d in deltas]
-    expect = base[key] + sum(d * a for d, a in zip(deltas, agree)) / sum(agree).clamp(min=1)
-    assert (ties[key] - expect).abs().max() < 1e-6
-    bench = dm._Bench(quick, tuple(m["models"]["specialists"]))
-    res = bench.score(base)
-    assert set(res) == {*m["models"]["specialists"], "combined"} and all(0 <= v <= 1 for v in res.values())
-
-
-def test_self_check_merge_matches_mergekit(quick, tmp_path):
-    """The plain-torch merge used for the measured tables equals mergekit 0.1.5 (the oracle) on per-layer lists."""
-    mergekit = pytest.importorskip("mergekit")
-    del mergekit
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
-    m = dm.read_manifest(quick)
-    folders = list(m["models"]["specialists"].values())
-    base = dm._state(quick / "base")
-    tv = dm.TaskVectors(base, [dm._state(quick / f) for f in folders])
-    layers = dm.QUICK_PLAN.layers
-    weights = [[0.9, 0.2], [0.1, 0.7], [0.5, 0.4]][: len(folders)]
-    densities = [[0.3, 0.8], [1.0, 0.5], [0.6, 0.2]][: len(folders)]
-    assert layers == 2
-    for method in ("ties", "task_arithmetic"):
-        cfg = {"merge_method": method, "base_model": str(quick / "base"), "dtype": "float32",
-               "models": [{"model": str(quick / f), "parameters": {"weight": w, "density": d}}
-                          for f, w, d in zip(folders, weights, densities)]}
-        if method == "task_arithmetic":
-            for entry in cfg["models"]:
-                del entry["parameters"]["density"]
-        out = tmp_path / method
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(cfg))), str(out),
-                  options=MergeOptions(random_seed=0, quiet=True))
-        ref = dm._state(out)
-        ours = tv.merge(method, weights, densities if method == "ties" else None)
-        assert ref.keys() == ours.keys()
-        worst = max((ref[k] - ours[k]).abs().max().item() for k in ref)
-        assert worst < 1e-5, (method, worst)

@@ -8,7 +8,6 @@ folder from `mergesearch merge`), breaks one thing, and runs one command.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -22,55 +21,11 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here, snapshot
 from safetensors.torch import load_file, save_file
 from studyfiles import addition_items, reverse_items, write_jsonl
 
 MODELS = ("base", "ft_add", "ft_reverse")
-
-
-# ---- the finished run every case starts from ---------------------------------------------------------
-def study_dict() -> dict:
-    return {
-        "name": "night", "output_dir": "run",
-        "merge": {"merge_method": "ties", "base_model": "models/base", "dtype": "float32",
-                  "models": [{"model": "models/ft_add"}, {"model": "models/ft_reverse"}]},
-        "space": {"granularity": "global", "params": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}},
-        "evaluation": {"tasks": [{"name": "add", "kind": "multiple_choice", "path": "data/add.jsonl"},
-                                 {"name": "rev", "kind": "multiple_choice", "path": "data/rev.jsonl"}],
-                       "holdout": 0.5, "seed": 0},
-        "sampler": {"name": "random", "seed": 0},
-        "budget": {"trials": 2},
-    }
-
-
-MERGE_YAML = {"merge_method": "linear", "dtype": "float32",
-              "models": [{"model": "models/ft_add", "parameters": {"weight": 0.5}},
-                         {"model": "models/ft_reverse", "parameters": {"weight": 0.5}}]}
-
-
-@pytest.fixture(scope="module")
-def finished_run(zoo, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finished")
-    for name in MODELS:
-        shutil.copytree(zoo[name], root / "models" / name)
-    write_jsonl(root / "data" / "add.jsonl", addition_items(16))
-    write_jsonl(root / "data" / "rev.jsonl", reverse_items(16))
-    (root / "study.yaml").write_text(yaml.safe_dump(study_dict(), sort_keys=False))
-    (root / "merge.yaml").write_text(yaml.safe_dump(MERGE_YAML, sort_keys=False))
-    for args in (["search", "study.yaml", "--no-progress"],
-                 ["export", "study.yaml", "--write-model", "run/model", "--device", "cpu"],
-                 ["merge", "merge.yaml", "merged", "--device", "cpu"]):
-        proc = run_cli(*args, cwd=root)
-        assert proc.returncode == 0, proc.stderr
-    assert {"study.db", "best_config.yaml", "trials.csv", "report", "model"} <= {p.name for p in (root / "run").iterdir()}
-    return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root (lock files aside: opening them is how writers wait) -> sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
 # ---- ways to break things --------------------------------------------------------------------------------
@@ -275,6 +230,24 @@ CASES = [
          ("study.yaml: sampler.name", "'cma'")),
     Case("bad-trial-budget", edit_study(_set("budget.trials", -3)), SEARCH, ("budget.trials", "positive")),
     Case("bad-timeout", None, (*SEARCH, "--timeout", "soon"), ("--timeout", "'soon'")),
+    Case("seed-not-an-integer", edit_study(_set("seed", "abc")), SEARCH, ("study.yaml: seed", "integer", "'abc'")),
+    Case("sampler-seed-not-an-integer", edit_study(_set("sampler", {"name": "random", "seed": "abc"})), SEARCH,
+         ("sampler.seed", "integer")),
+    Case("sampler-option-typo", edit_study(_set("sampler", {"name": "tpe", "n_startup_trialz": 3})), SEARCH,
+         ("sampler.n_startup_trialz", "no option", "n_startup_trials")),
+    Case("pruner-bad-value", edit_study(_set("pruner", {"name": "median", "n_startup_trials": -1})), SEARCH,
+         ("pruner", "median")),
+    Case("top-k-not-an-integer", edit_study(_set("final", {"top_k": "abc"})), SEARCH, ("final.top_k", "integer")),
+    Case("top-k-zero", edit_study(_set("final", {"top_k": 0})), SEARCH, ("final.top_k", "at least 1", "holdout: 0")),
+    Case("per-model-not-a-boolean", edit_study(_set("space.per_model", "no")), SEARCH,
+         ("space.per_model", "true or false", "'no'")),
+    Case("more-anchors-than-layers", edit_study(_set("space.granularity", "anchors:100")), SEARCH,
+         ("space.granularity", "anchors:100", "4")),
+    Case("trials-negative", None, (*SEARCH, "--trials", "-5"), ("--trials", "positive integer", "-5")),
+    Case("trials-zero", None, (*SEARCH, "--trials", "0"), ("--trials", "positive integer")),
+    Case("workers-zero", None, (*SEARCH, "--workers", "0"), ("--workers", "positive integer")),
+    Case("device-not-available", None, (*SEARCH, "--device", "cuda"), ("--device", "CUDA")),
+    Case("device-typo-in-yaml", edit_study(_set("device", "gpu")), SEARCH, ("study.yaml: device", "'gpu'")),
     # models
     Case("missing-model-folder", edit_study(_set("merge.models.0.model", "models/ft_mul")), SEARCH,
          ("models/ft_mul", "not found")),
@@ -321,6 +294,8 @@ CASES = [
          ("tasks[1].kind", "'mcq'")),
     Case("holdout-not-a-fraction", edit_study(_set("evaluation.holdout", 1.0)), SEARCH,
          ("evaluation.holdout", "[0, 1)")),
+    Case("every-task-weight-zero", edit_study(lambda d: [t.update(weight=0) for t in d["evaluation"]["tasks"]]),
+         SEARCH, ("evaluation.tasks", "weight")),
     Case("eval-suite-yaml-syntax", write_text("study.yaml", "name: night\nevaluation: [unclosed\nseed: 1\n"),
          ("eval", "models/base", "--suite", "study.yaml", "--device", "cpu"), ("study.yaml:3", "invalid YAML")),
     Case("eval-task-bad-row", edit_lines("data/add.jsonl", 4, "not json"),
@@ -345,9 +320,26 @@ CASES = [
     Case("different-search-space", edit_study(_params(weight=[0.0, 2.0], density=[0.2, 1.0])), SEARCH,
          ("study.yaml", "different search space", "--new-study")),
     Case("export-unknown-trial", None, ("export", "study.yaml", "--trial", "99"), ("--trial", "no trial 99")),
+    Case("export-model-exists", None, ("export", "study.yaml", "--write-model", "run/model", "--device", "cpu"),
+         ("run/model", "already exists", "--force")),
+    Case("export-model-over-an-input", None,
+         ("export", "study.yaml", "--write-model", "models/ft_add", "--device", "cpu", "--force"),
+         ("models/ft_add", "one of this merge's inputs")),
+    Case("export-model-over-a-folder-of-inputs", None,
+         ("export", "study.yaml", "--write-model", "models", "--device", "cpu", "--force"),
+         ("models", "holds one of this merge's inputs")),
+    Case("merge-over-its-input", None, ("merge", "merge.yaml", "models/ft_reverse", "--device", "cpu", "--force"),
+         ("models/ft_reverse", "one of this merge's inputs")),
+    Case("export-config-to-a-folder", None, ("export", "study.yaml", "--out", "run"), ("run", "is a folder")),
+    Case("eval-out-is-a-folder", None,
+         ("eval", "models/base", "--tasks", "multiple_choice:data/add.jsonl", "--device", "cpu", "--out", "run"),
+         ("--out", "is a folder")),
+    Case("eval-batch-size-zero", None,
+         ("eval", "models/base", "--tasks", "multiple_choice:data/add.jsonl", "--batch-size", "0"),
+         ("--batch-size", "positive integer")),
     # a full disk: RLIMIT_FSIZE makes writes past the limit fail with EFBIG (the CLI ignores SIGXFSZ)
     Case("disk-full-exporting-model", None,
-         ("export", "study.yaml", "--write-model", "run/model", "--device", "cpu"),
+         ("export", "study.yaml", "--write-model", "run/model", "--device", "cpu", "--force"),
          ("run/model", "writing failed", "File too large"), limits={"fsize": 64 * 1024}),
     # a really full disk: a small tmpfs, filled up (skipped where mounting is not allowed)
     Case("disk-full-writing-best-config", fill_disk("best_config.yaml"),
@@ -375,7 +367,8 @@ def run_limited(args, cwd: Path, limits: dict) -> subprocess.CompletedProcess:
 
 # A few cases, one of each kind, run in the fast suite; the rest are marked slow (still run in CI).
 FAST = {"yaml-syntax", "unknown-search-parameter", "truncated-safetensors", "tensor-missing-in-one-source",
-        "task-bad-json-row", "different-search-space", "unreachable-storage", "disk-full-exporting-model"}
+        "task-bad-json-row", "different-search-space", "unreachable-storage", "disk-full-exporting-model",
+        "sampler-option-typo", "trials-zero", "export-model-exists", "merge-over-its-input"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow)
@@ -395,7 +388,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case: Case, finished_run, zoo
         if case.setup is not None:
             case.setup(d, zoo)
         before = snapshot(d)
-        proc = run_limited(case.args, d, case.limits) if case.limits else run_cli(*case.args, cwd=d)
+        proc = run_limited(case.args, d, case.limits) if case.limits else run_here(*case.args, cwd=d)
         after = snapshot(d)
     finally:
         if mounted is not None:

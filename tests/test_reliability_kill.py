@@ -26,7 +26,7 @@ from killprobe import NAMES, PHASES, open_phase_file
 from optuna.trial import TrialState
 from studyfiles import write_study
 
-from search import loop
+from search import loop, store
 from search.loop import MAX_RETRY, open_study, run_search
 from search.space import SearchSpace
 from search.study import load_study
@@ -236,9 +236,10 @@ def test_trial_of_a_worker_killed_inside_ask_is_failed_and_retried(zoo, tmp_path
 
 def test_trial_of_a_dead_worker_on_another_machine_is_failed_by_its_heartbeat(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(loop, "GRACE_S", 2)
+    monkeypatch.setattr(store, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(store, "GRACE_S", 2)
     cfg, _, study = small_study(zoo, tmp_path, seed_trials=[])
-    study = optuna.load_study(study_name=cfg.name, storage=loop.make_storage(cfg.storage_url()))
+    study = optuna.load_study(study_name=cfg.name, storage=store.make_storage(cfg.storage_url()))
     other = loop.ask_within_budget(study, loop.Budget(None, None), cfg.output_dir)
     study._storage.set_trial_user_attr(other._trial_id, "worker", "another-machine:4242")
     assert run_search(cfg, trials=3, timeout=60) == 0

@@ -152,6 +152,7 @@ def test_sigint_stops_cleanly_and_resume_finishes(zoo, tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+    assert f"run the same command to resume (mergesearch search {path})" in err, err
     _, study = stored(path)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 0 < len(done) < 400

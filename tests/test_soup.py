@@ -18,7 +18,7 @@ def checkpoints(zoo, tmp_path_factory):
     """Five real fine-tune checkpoints of the zoo base on addition: three sensible, two overheated."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from search.toy import _texts, save_model, train_steps
+    from tiny_models import _texts, save_model, train_steps
 
     root = tmp_path_factory.mktemp("ckpts")
     tok = AutoTokenizer.from_pretrained(zoo["base"])
@@ -156,3 +156,19 @@ def test_home_relative_paths_expand(tmp_path, checkpoints, monkeypatch):
     cfg = load_soup(path)
     assert [p.name for p in cfg.checkpoints] == [f"checkpoint-{i}00" for i in range(1, 6)]
     assert cfg.output_dir == checkpoints.parent / "soup-out"
+
+
+def test_soup_never_replaces_a_model_without_force_nor_a_checkpoint(checkpoints, tmp_path):
+    """Checked before the soup runs: nothing is scored, nothing written, one line names the fix."""
+    path = write_soup(tmp_path, checkpoints)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "keep.txt").write_text("mine")
+    refused = run_cli("soup", path, "--write-model", tmp_path / "model")
+    assert refused.returncode == 2 and "already exists (pass --force" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    first = sorted(checkpoints.glob("checkpoint-*"))[0]
+    before = sorted(p.name for p in first.iterdir())
+    over_input = run_cli("soup", path, "--write-model", first, "--force")
+    assert over_input.returncode == 2 and "one of this merge's inputs" in over_input.stderr, over_input.stderr
+    assert sorted(p.name for p in first.iterdir()) == before
+    assert (tmp_path / "model" / "keep.txt").read_text() == "mine"

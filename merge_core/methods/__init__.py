@@ -1,6 +1,7 @@
 """The merge-method registry: importing this package registers every method (one module per family)."""
 
-from merge_core.methods.base import REGISTRY, MergeMethod, Param, TensorInputs, get_method, register
+from merge_core.methods.base import (REGISTRY, MergeMethod, Param, TensorInputs, describe_param, get_method,
+                                     register)
 from merge_core.methods import (  # noqa: F401,E402 - each module registers its methods
     arcee_fusion,
     linear,
@@ -14,4 +15,4 @@ from merge_core.methods import (  # noqa: F401,E402 - each module registers its 
     task_arithmetic,
 )
 
-__all__ = ["REGISTRY", "MergeMethod", "Param", "TensorInputs", "get_method", "register"]
+__all__ = ["REGISTRY", "MergeMethod", "Param", "TensorInputs", "describe_param", "get_method", "register"]

@@ -156,6 +156,17 @@ class Param:
     required: bool = False
 
 
+def describe_param(spec: Param) -> str:
+    """'float = 1.0 in [0, 1]', 'float (required)': a parameter as `mergesearch methods` lists it."""
+    text = spec.kind.__name__ + (" (required)" if spec.required or spec.default is None and spec.kind is not bool
+                                 and spec.required else f" = {spec.default}" if spec.default is not None else "")
+    if spec.low is not None or spec.high is not None:
+        low = "-inf" if spec.low is None else f"{spec.low:g}"
+        high = "inf" if spec.high is None else f"{spec.high:g}"
+        text += f" in [{low}, {high}]"
+    return text
+
+
 MergeFn = Callable[[TensorInputs, dict[str, Any], list[dict[str, Any]], "torch.Generator | None"], torch.Tensor]
 
 

@@ -14,6 +14,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from search.report import summary_table
+from search.store import best_complete, finished_trials
+
 
 def _fmt_seconds(s: float | None) -> str:
     if s is None or s != s:
@@ -38,8 +41,6 @@ class SearchProgress:
 
     @contextmanager
     def running(self, study, study_cfg, trials: int | None, timeout: float | None):
-        from search.loop import finished_trials
-
         self.study, self.total, self.timeout = study, trials, timeout
         self.start = time.time()
         self.done_at_start = finished_trials(study)
@@ -75,8 +76,6 @@ class SearchProgress:
 
     # ---- rendering ------------------------------------------------------------------------------
     def _counts(self):
-        from search.loop import best_complete, finished_trials
-
         done = finished_trials(self.study)
         return done, best_complete(self.study)
 
@@ -124,34 +123,3 @@ class SearchProgress:
     # ---- the end ----------------------------------------------------------------------------------
     def summary(self, study, study_cfg) -> None:
         self.console.print(summary_table(study, study_cfg))
-
-
-def summary_table(study, study_cfg) -> Table:
-    """Seed trials (parents, uniform, defaults) and the best found, per task, search and held-out."""
-    from search.loop import holdout_results, top_trials
-
-    held = holdout_results(study)
-    rows = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "seed" in t.user_attrs]
-    winner = study.user_attrs.get("holdout_winner")
-    best = [t for t in study.get_trials(deepcopy=False) if t.number == winner] or top_trials(study, 1)
-    tasks = [t.name for t in study_cfg.evaluation.tasks]
-    table = Table(title=f"study {study_cfg.name}: held-out scores (search in brackets)")
-    table.add_column("candidate")
-    table.add_column("trial", justify="right")
-    for name in tasks:
-        table.add_column(name, justify="right")
-    table.add_column("combined", justify="right", style="bold")
-    for t in rows + [b for b in best if b.number not in {r.number for r in rows}]:
-        label = t.user_attrs.get("seed", "best found")
-        if best and t.number == best[0].number:
-            label = f"{label} *" if "seed" in t.user_attrs else "best found"
-        h = held.get(t.number, {})
-        cells = []
-        for name in tasks:
-            s = t.user_attrs.get("scores", {}).get(name)
-            hv = h.get("scores", {}).get(name)
-            cells.append(f"{hv:.3f} ({s:.3f})" if hv is not None else (f"- ({s:.3f})" if s is not None else "-"))
-        hs, ss = h.get("score"), t.user_attrs.get("score")
-        cells.append(f"{hs:.3f} ({ss:.3f})" if hs is not None else f"- ({ss:.3f})")
-        table.add_row(label, str(t.number), *cells)
-    return table

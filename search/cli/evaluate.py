@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from evaluators import EvalError
 from evaluators.tasks import EvaluationConfig, check_unique_names, parse_evaluation_block, parse_task_arg
+from search.cli.output import console, print_json
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,18 @@ MERGE_CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Handler of `mergesearch eval`; user errors raise EvalError (the CLI prints one line, exit 2)."""
+    """Handler of `mergesearch eval`; user errors raise EvalError (the CLI prints one line, exit 2).
+    The --out file is checked before the model is loaded and written atomically at the end."""
     config = _evaluation_config(args)
     device = resolve_device(args.device)
-    model, tokenizer = load_target(Path(args.target), device)
+    out = Path(os.path.abspath(args.out)) if args.out else None
+    if out is not None:
+        if out.is_dir():
+            raise EvalError("is a folder; give a file name for the results (e.g. results.json)", "--out")
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise EvalError(f"cannot write {out}: {blocker} is a file, not a folder", "--out")
+    model, tokenizer = load_target(Path(args.target), device, allow_pickle=args.allow_pickle)
 
     from evaluators.suite import Suite
 
@@ -34,13 +44,18 @@ def eval_command(args: argparse.Namespace) -> int:
     result = suite.evaluate(model, split=args.split)
     total_s = time.perf_counter() - started
     log.info("evaluated %s on %d items in %.2fs (setup %.2fs)", args.target, suite.size(args.split), total_s, setup_s)
-    _print_table(result, title=f"{args.target} ({args.split} split, {device})")
-    if args.out:
-        report = {"target": str(args.target), "device": device, "split": args.split, "setup_seconds": round(setup_s, 3),
-                  "seconds": round(total_s, 3), **result.to_dict()}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _print_table(result, title=f"{args.target} ({args.split} split, {device})", stdout=not args.json)
+    report = {"target": str(args.target), "device": device, "split": args.split, "setup_seconds": round(setup_s, 3),
+              "seconds": round(total_s, 3), **result.to_dict()}
+    if out is not None:
+        from search.export import atomic_write_text
+
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        console().print(f"results -> {out}")
+    if args.json:
+        print_json({k: v for k, v in report.items() if k != "tasks"}
+                   | {"tasks": {t["name"]: {k: v for k, v in t.items() if k not in ("name", "per_item")}
+                                for t in report["tasks"]}, "out": str(out) if out else None})
     return 0
 
 
@@ -57,7 +72,7 @@ def read_evaluation_block(path: Path) -> EvaluationConfig:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise EvalError("file not found", str(path)) from None
     except yaml.YAMLError as err:
@@ -84,10 +99,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_target(target: Path, device: str) -> tuple[Any, Any]:
+def load_target(target: Path, device: str, allow_pickle: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) for a model folder, or for the merge a mergekit YAML describes (materialized in memory)."""
     if target.suffix.lower() in MERGE_CONFIG_SUFFIXES:
-        return _materialize_merge(target, device)
+        return _materialize_merge(target, device, allow_pickle)
     return load_model_dir(target, device)
 
 
@@ -122,19 +137,16 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
-def _materialize_merge(config_path: Path, device: str) -> tuple[Any, Any]:
-    try:
-        from merge_core.config import load_config
-        from merge_core.engine import MergeEngine
-    except ImportError as err:
-        raise EvalError(f"evaluating a merge config needs merge_core.engine ({err})", str(config_path)) from None
+def _materialize_merge(config_path: Path, device: str, allow_pickle: bool) -> tuple[Any, Any]:
+    from merge_core.config import load_config
+    from merge_core.engine import MergeEngine
+
     cfg = load_config(config_path)
-    engine = MergeEngine(cfg, device=device)
+    engine = MergeEngine(cfg, device=device, allow_pickle=allow_pickle)
     return engine.materialize(cfg).eval(), engine.tokenizer
 
 
-def _print_table(result, title: str) -> None:
-    from rich.console import Console
+def _print_table(result, title: str, stdout: bool) -> None:
     from rich.table import Table
 
     table = Table(title=title)
@@ -146,7 +158,7 @@ def _print_table(result, title: str) -> None:
         table.add_row(task.name, task.kind, task.metric, f"{task.score:.4f}{stderr}", str(task.n),
                       f"{task.seconds:.2f}")
     table.caption = f"weighted score {result.score:.4f}"
-    Console().print(table)
+    console(stdout=stdout).print(table)
 
 
 __all__ = ["eval_command", "load_model_dir", "load_target", "read_evaluation_block", "resolve_device"]

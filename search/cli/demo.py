@@ -15,8 +15,22 @@ import yaml
 
 from search import StudyError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "studies"
+SCRIPTS = REPO / "scripts"
+
+
+def demo_family():
+    """scripts/demo_family.py, the demo's model builder (training code stays out of the installed package)."""
+    import importlib
+    import sys
+
+    if not (SCRIPTS / "demo_family.py").is_file():
+        raise StudyError("the demo's model builder is missing (run the demo from a clone of the repository)",
+                         str(SCRIPTS / "demo_family.py"))
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module("demo_family")
 
 
 def _retarget(node, old: str, new: str):
@@ -102,7 +116,7 @@ def final_table(study, optuna_study, baselines: dict[str, dict]):
     from optuna.trial import TrialState
     from rich.table import Table
 
-    from search.loop import holdout_results
+    from search.store import holdout_results
 
     held = holdout_results(optuna_study)
     tasks = [t.name for t in study.evaluation.tasks]
@@ -143,16 +157,14 @@ def markdown(rows, tasks: list[str]) -> str:
 
 def demo_command(args) -> int:
     """Build the demo family if missing, search, export, report, soup, and print the comparison."""
-    from rich.console import Console
-
-    from search.demo_models import build_demo_family
+    from search.cli.output import console as make_console
+    from search.cli.progress import SearchProgress
     from search.export import atomic_write_text
     from search.loop import run_search
-    from search.progress import SearchProgress
-    from search.soup import run_soup, write_outputs, load_soup
+    from search.soup import load_soup, run_soup, write_outputs
     from search.study import load_study
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console()
     for name in ("demo.yaml", "demo_soup.yaml"):
         if not (STUDIES / name).is_file():
             raise StudyError("the demo's study files are missing (run the demo from a clone of the repository)",
@@ -161,7 +173,7 @@ def demo_command(args) -> int:
     models_dir = REPO / "models" / ("demo-quick" if args.quick else "demo")
     t0 = time.perf_counter()
     console.print(f"[bold]1/5 demo models[/] in {models_dir} (built once, then cached)")
-    manifest = build_demo_family(models_dir, quick=args.quick)
+    manifest = demo_family().build_demo_family(models_dir, quick=args.quick)
     console.print(f"    {'cached' if manifest.get('cached') else 'built'}: base + {len(manifest['models']['specialists'])}"
                   f" specialists + {len(manifest['models']['soup'])} soup checkpoints, "
                   f"{manifest['parameters'] / 1e6:.1f}M parameters each")
@@ -187,7 +199,7 @@ def demo_command(args) -> int:
     from merge_core.config import parse_config
     from merge_core.writer import merge_to_folder
     from search.export import choose_trial, scores_card
-    from search.loop import holdout_results
+    from search.store import holdout_results
 
     trial, _, _, _ = choose_trial(optuna_study, None)
     best_cfg = parse_config(yaml.safe_load(trial.user_attrs["config"]), where="best", base_dir=study.base_dir)

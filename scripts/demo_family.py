@@ -1,14 +1,15 @@
 """The embedded demo's model family: a tiny char-level Llama base, specialists whose merge is hard, soup checkpoints, JSONL tasks.
 
-Owns data generation, training, saving, the manifest cache and a small self-check scorer; must not import merge_core,
-evaluators or Optuna (the demo's search uses those, this module only builds and verifies its inputs).
+Owns data generation, training, saving and the manifest cache; must not import merge_core, evaluators or Optuna
+(`mergesearch demo` measures the family with those: the parents, the plain merges, the search and the soup).
+Lives in scripts/, not in the installed package: training code is not part of the search.
 
-Design (measured; the numbers are in the closing report of the demo issue, `evaluate_family` reproduces them)
+Design (measured; `mergesearch demo` prints the table that shows it)
 -----------------------------------------------------------------------------------------------------------
 One prompt format for every task: ``"<cue> <word> ="`` followed by ``" <answer>"``, where <word> is 5 letters
 from ``abcdefgh`` and <cue> is one capital letter naming the operation.
 
-- base: a 4-layer Llama (hidden 128, ~0.6M parameters, the char tokenizer of search.toy) pretrained on *other*
+- base: a 4-layer Llama (hidden 128, ~0.6M parameters, the char tokenizer of scripts/tiny_models.py) pretrained on *other*
   operations in that format (C copy, U upper-case, D double each letter) plus random lower-case text: it knows the
   format and that the cue picks the operation, not the skills. Its answer to an unknown cue is roughly the copy.
 - three specialists, one new operation each, conflicting on the same inputs: ``R`` reverse (``R abcde = edcba``),
@@ -358,7 +359,7 @@ def train(model, tokenizer, sampler: Callable[[random.Random], str], spec: Train
 # ----------------------------------------------------------------------------------------------------- the build
 
 def _config(plan: DemoPlan):
-    from search.toy import tiny_config
+    from tiny_models import tiny_config
 
     return tiny_config("llama", layers=plan.layers, hidden=plan.hidden, heads=plan.heads, kv_heads=plan.kv_heads,
                        intermediate=plan.intermediate, max_positions=64)
@@ -432,7 +433,7 @@ def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, t
     """Build (or reuse) the demo family under out_dir; returns the manifest (plus ``"cached": bool``).
 
     Layout: ``base/``, ``spec_rev/``, ``spec_shift/``, ``spec_sort/``, ``soup/checkpoint-<step>/`` (HF folders:
-    safetensors + the char tokenizer of search.toy); ``data/<skill>_{search,holdout}.jsonl`` (multiple_choice) and
+    safetensors + the char tokenizer of scripts/tiny_models.py); ``data/<skill>_{search,holdout}.jsonl`` (multiple_choice) and
     ``data/<skill>_gen_{search,holdout}.jsonl`` (generate) for skills rev, shift, sort; ``data/soup_{search,
     holdout}.jsonl`` (the soup's multiple_choice items); ``manifest.json`` (plan, seeds, versions, losses, hash).
     A finished build of the same plan is reused (unless `force`). out_dir is replaced only when it is absent, empty
@@ -493,7 +494,7 @@ def _build_into(root: Path, plan: DemoPlan) -> dict[str, Any]:
 def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
     import torch
 
-    from search.toy import build_char_tokenizer, new_model, save_model
+    from tiny_models import build_char_tokenizer, new_model, save_model
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -573,267 +574,6 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------------------------------- self-check
-# A deliberately small, independent scorer and merge (plain torch) to measure the family's key properties; the
-# product's merge_core / evaluators are not used here so that this check does not depend on them.
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-class MCScorer:
-    """Accuracy on multiple-choice rows: argmax over choices of the summed log-likelihood of the choice tokens
-    given the query (no BOS, choices appended as-is). Tokenizes once; one batched forward per call."""
-
-    def __init__(self, rows: Sequence[dict[str, Any]], tokenizer):
-        import torch
-
-        seqs: list[tuple[list[int], list[int]]] = []
-        self.n_choices: list[int] = []
-        for row in rows:
-            q = tokenizer.encode(row["query"], add_special_tokens=False)
-            for c in row["choices"]:
-                seqs.append((q, tokenizer.encode(c, add_special_tokens=False)))
-            self.n_choices.append(len(row["choices"]))
-        width = max(len(a) + len(b) for a, b in seqs)
-        pad = tokenizer.pad_token_id
-        self.x = torch.full((len(seqs), width), pad, dtype=torch.long)
-        self.mask = torch.zeros_like(self.x)
-        self.target = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, (a, b) in enumerate(seqs):
-            self.x[i, : len(a) + len(b)] = torch.tensor(a + b)
-            self.mask[i, : len(a) + len(b)] = 1
-            self.target[i, len(a): len(a) + len(b)] = True
-        self.gold = [row["gold"] for row in rows]
-
-    def loglikelihoods(self, model) -> list[list[float]]:
-        import torch
-
-        with torch.no_grad():
-            logits = model(input_ids=self.x, attention_mask=self.mask).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, self.x[:, 1:, None])[..., 0]
-            sums = (lp * self.target[:, 1:]).sum(1).tolist()
-        out, i = [], 0
-        for n in self.n_choices:
-            out.append(sums[i: i + n])
-            i += n
-        return out
-
-    def __call__(self, model) -> float:
-        lls = self.loglikelihoods(model)
-        return sum(max(range(len(v)), key=v.__getitem__) == g for v, g in zip(lls, self.gold)) / len(self.gold)
-
-
-class TaskVectors:
-    """Base + task vectors of fine-tunes of it, resident, with |delta| orders precomputed (for magnitude trims).
-
-    `merge` follows mergekit 0.1.5's task_arithmetic / ties (magnitude top-k, sign election by the weighted sum,
-    normalize for ties) with one weight and density per model and layer; tensors outside the layers take the
-    layer-0 values, as mergekit resolves gradients at t = 0 for them."""
-
-    def __init__(self, base_state: dict, states: Sequence[dict]):
-        import torch
-
-        self.base = {k: v.float() for k, v in base_state.items()}
-        self.deltas = [{k: s[k].float() - v for k, v in self.base.items()} for s in states]
-        self.order = [{k: torch.argsort(d.abs().reshape(-1), descending=True, stable=True) for k, d in deltas.items()}
-                      for deltas in self.deltas]
-
-    def _trim(self, j: int, key: str, density: float):
-        import torch
-
-        d = self.deltas[j][key]
-        if density >= 1:
-            return d
-        k = max(1, int(density * d.numel()))
-        mask = torch.zeros(d.numel(), dtype=d.dtype)
-        mask[self.order[j][key][:k]] = 1
-        return d * mask.view_as(d)
-
-    def merge(self, method: str, weights: Sequence[Sequence[float]], densities: Sequence[Sequence[float]] | None = None
-              ) -> dict:
-        """weights[j][layer] (and densities) per model j; method 'task_arithmetic', 'ties' or 'linear'."""
-        import torch
-
-        out = {}
-        for key, base in self.base.items():
-            layer = _layer_of(key) or 0
-            ws = [w[layer] for w in weights]
-            ds = [1.0] * len(ws) if densities is None or method == "linear" else [d[layer] for d in densities]
-            deltas = torch.stack([w * self._trim(j, key, ds[j]) for j, w in enumerate(ws)])
-            wt = torch.tensor(ws).view(-1, *([1] * base.dim()))
-            if method == "ties":
-                mask = deltas.sign() == ((deltas.sum(0) >= 0).float() * 2 - 1)
-                div = (wt * mask).sum(0)
-                div[div == 0] = 1
-                out[key] = base + (deltas * mask).sum(0) / div
-            elif method == "linear":          # sum w_j x_j / sum w_j  ==  base + sum w_j d_j / sum w_j
-                out[key] = base + deltas.sum(0) / sum(ws)
-            else:
-                out[key] = base + deltas.sum(0)
-        return out
-
-
-def _load(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
-
-
-def _state(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(path) / "model.safetensors"))
-
-
-@dataclass
-class _Bench:
-    """Scorers per skill and split on one live model whose weights are swapped in place."""
-
-    root: Path
-    skills: tuple[str, ...]
-    model: Any = None
-    scorers: dict[tuple[str, str], MCScorer] = field(default_factory=dict)
-
-    def __post_init__(self):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.root / "base")
-        self.model = _load(self.root / "base")
-        for skill in self.skills:
-            for split in ("search", "holdout"):
-                self.scorers[skill, split] = MCScorer(read_jsonl(self.root / "data" / f"{skill}_{split}.jsonl"), tok)
-
-    def load(self, state: dict) -> None:
-        import torch
-
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(state[name])
-
-    def score(self, state: dict | None = None, split: str = "holdout") -> dict[str, float]:
-        if state is not None:
-            self.load(state)
-        res = {s: round(self.scorers[s, split](self.model), 4) for s in self.skills}
-        res["combined"] = round(sum(res[s] for s in self.skills) / len(self.skills), 4)
-        return res
-
-
-def uniform_recipes(n_models: int, n_layers: int) -> dict[str, tuple[str, list[list[float]], list[list[float]] | None]]:
-    """The plain merges the search must beat: name -> (method, weights, densities)."""
-    def const(v: float) -> list[list[float]]:
-        return [[v] * n_layers for _ in range(n_models)]
-
-    return {
-        "linear (average)": ("linear", const(1.0), None),
-        "task_arithmetic w=1": ("task_arithmetic", const(1.0), None),
-        f"task_arithmetic w=1/{n_models}": ("task_arithmetic", const(1.0 / n_models), None),
-        "ties w=1 d=1 (defaults)": ("ties", const(1.0), const(1.0)),
-        "ties w=1 d=0.5": ("ties", const(1.0), const(0.5)),
-        "ties w=0.5 d=0.5": ("ties", const(0.5), const(0.5)),
-    }
-
-
-def random_recipe_search(score: Callable[[dict], float], tv: TaskVectors, n_layers: int, trials: int,
-                         seed: int = 0, methods: Sequence[str] = ("ties", "task_arithmetic"), refine: int = 0,
-                         sigma: float = 0.1) -> tuple[float, tuple[str, list[list[float]], list[list[float]]]]:
-    """A throwaway search of per-model, per-layer weight in [0, 1] and density in [0.1, 1], scored by `score`
-    (a merged state dict -> search-split score): random sampling, then `refine` steps of a (1+1)-ES with step
-    `sigma` around the best; returns (search score, recipe)."""
-    rng = random.Random(seed)
-    n = len(tv.deltas)
-    best: tuple[float, Any] = (-1.0, None)
-    for _ in range(trials):
-        method = rng.choice(list(methods))
-        w = [[rng.uniform(0, 1) for _ in range(n_layers)] for _ in range(n)]
-        d = [[rng.uniform(0.1, 1) for _ in range(n_layers)] for _ in range(n)]
-        s = score(tv.merge(method, w, d))
-        if s > best[0]:
-            best = (s, (method, w, d))
-    for _ in range(refine):
-        method, w, d = best[1]
-        w2 = [[min(1.0, max(0.0, x + rng.gauss(0, sigma))) for x in row] for row in w]
-        d2 = [[min(1.0, max(0.1, x + rng.gauss(0, sigma))) for x in row] for row in d]
-        s = score(tv.merge(method, w2, d2))
-        if s >= best[0]:
-            best = (s, (method, w2, d2))
-    return best
-
-
-def soup_state(states: Sequence[dict]) -> dict:
-    """The uniform average of state dicts (one soup)."""
-    return {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
-
-
-def greedy_soup(states: Sequence[dict], score: Callable[[dict], float]) -> tuple[list[int], float]:
-    """Model-soups greedy recipe: sort by individual score, keep each checkpoint only if the soup's score improves.
-    Returns (chosen indices in order of addition, score of the soup)."""
-    order = sorted(range(len(states)), key=lambda i: -score(states[i]))
-    chosen = [order[0]]
-    best = score(states[order[0]])
-    for i in order[1:]:
-        s = score(soup_state([states[j] for j in [*chosen, i]]))
-        if s > best:
-            chosen.append(i)
-            best = s
-    return chosen, best
-
-
-def evaluate_family(out_dir: Path, trials: int = 150, refine: int = 100, seed: int = 0) -> dict[str, Any]:
-    """Measure the family's key properties on held-out items (self-check, not the product's evaluator):
-    specialists and base per skill, the plain merges, the best recipe of a quick random search (+ (1+1)-ES
-    refinement) on the search items, and the soups (greedy chosen on search items, all reported on held-out)."""
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise ValueError(f"{out_dir}: no demo build here")
-    skills = tuple(manifest["models"]["specialists"])
-    n_layers = manifest["plan"]["layers"]
-    bench = _Bench(out_dir, (*skills, SOUP_TASK))
-    base = _state(out_dir / "base")
-    specs = [_state(out_dir / manifest["models"]["specialists"][s]) for s in skills]
-    tv = TaskVectors(base, specs)
-
-    def merged(state: dict, split: str = "holdout") -> dict[str, float]:
-        bench.load(state)
-        res = {s: round(bench.scorers[s, split](bench.model), 4) for s in skills}
-        res["combined"] = round(sum(res[s] for s in skills) / len(skills), 4)
-        return res
-
-    report: dict[str, Any] = {"skills": list(skills), "holdout_items": manifest["plan"]["n_holdout"]}
-    report["parents"] = {"base": merged(base), **{f"spec_{s}": merged(st) for s, st in zip(skills, specs)}}
-    report["uniform_merges"] = {name: merged(tv.merge(m, w, d)) for name, (m, w, d)
-                                in uniform_recipes(len(specs), n_layers).items()}
-    t = time.perf_counter()
-    best = random_recipe_search(lambda state: merged(state, "search")["combined"], tv, n_layers, trials, seed,
-                                refine=refine)
-    method, w, d = best[1]
-    report["best_recipe"] = {
-        "method": method, "models": list(skills),
-        "weight": [[round(x, 3) for x in row] for row in w],
-        "density": [[round(x, 3) for x in row] for row in d],
-        "search_score": round(best[0], 4), "holdout": merged(tv.merge(method, w, d)),
-        "trials": trials + refine, "seconds": round(time.perf_counter() - t, 1),
-    }
-    ceiling = max([v["combined"] for v in report["parents"].values()]
-                  + [v["combined"] for v in report["uniform_merges"].values()])
-    report["best_recipe"]["margin_over_parents_and_uniform"] = round(report["best_recipe"]["holdout"]["combined"]
-                                                                     - ceiling, 4)
-
-    soup_states = [_state(out_dir / p) for p in manifest["models"]["soup"]]
-
-    def soup_score(state: dict, split: str) -> float:
-        bench.load(state)
-        return round(bench.scorers[SOUP_TASK, split](bench.model), 4)
-
-    chosen, _ = greedy_soup(soup_states, lambda st: soup_score(st, "search"))
-    report["soup"] = {
-        "task": SOUP_TASK, "operation": SOUP_SKILL,
-        "checkpoints": {p: soup_score(st, "holdout") for p, st in zip(manifest["models"]["soup"], soup_states)},
-        "base": soup_score(base, "holdout"),
-        "uniform_soup": soup_score(soup_state(soup_states), "holdout"),
-        "greedy_soup": soup_score(soup_state([soup_states[i] for i in chosen]), "holdout"),
-        "greedy_ingredients": [manifest["models"]["soup"][i] for i in chosen],
-    }
-    return report

@@ -1,0 +1,309 @@
+"""The Optuna side of a study: storage URLs and files, samplers, pruners, opening a study, and the trial queries
+that the loop, export, report and progress share.
+
+Owns every direct use of Optuna's storage; never merges, scores or writes run-folder files.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from search import StudyError
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The loop runs the heartbeat thread itself around ask/tell (see loop.run_worker).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+# Optuna's own warnings (e.g. CMA-ES falling back to independent sampling for a seed trial) are for -v only.
+optuna.logging.set_verbosity(optuna.logging.ERROR if os.environ.get("MERGESEARCH_QUIET") else optuna.logging.WARNING)
+
+# A worker's running trial refreshes its heartbeat every HEARTBEAT_S; without one for 3x that long it is
+# stale (its worker died) and is retried. MERGESEARCH_HEARTBEAT (seconds) changes it, e.g. for tests.
+HEARTBEAT_S = max(1, int(os.environ.get("MERGESEARCH_HEARTBEAT", "10")))
+GRACE_S = 3 * HEARTBEAT_S
+MAX_RETRY = 3
+SPACE_ATTR = "mergesearch_space"
+
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
+            "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler,
+            "random": optuna.samplers.RandomSampler}
+PRUNERS = {"wilcoxon": optuna.pruners.WilcoxonPruner, "median": optuna.pruners.MedianPruner,
+           "halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}
+SAMPLER_DEFAULTS = {"tpe": {"multivariate": True}}
+PRUNER_DEFAULTS = {"wilcoxon": {"p_threshold": 0.1}, "median": {"n_startup_trials": 5}}
+
+
+# ---- samplers and pruners ---------------------------------------------------------------------------
+def _build(kind: str, classes: dict, defaults: dict, name: str, options: dict, where: str, **fixed):
+    """An Optuna sampler/pruner from a YAML block: unknown options and bad values are a StudyError naming them."""
+    cls = classes[name]
+    accepted = [p for p in inspect.signature(cls).parameters if p not in fixed]
+    for key in options:
+        if key not in accepted:
+            raise StudyError(f"the {name} {kind} has no option {key!r} (it takes: {', '.join(accepted) or 'none'})",
+                             f"{where}.{key}")
+    try:
+        return cls(**fixed, **{**defaults.get(name, {}), **options})
+    except (TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StudyError(f"bad options for the {name} {kind}: {first}", where) from None
+
+
+def make_sampler(name: str, seed: int, options: dict, where: str = "sampler") -> optuna.samplers.BaseSampler:
+    """CMA-ES starts as Optuna does (mean mid-range, sigma0 1/6 of the normalized range: the Sakana setting);
+    TPE is multivariate unless told otherwise."""
+    return _build("sampler", SAMPLERS, SAMPLER_DEFAULTS, name, options, where, seed=seed)
+
+
+def make_pruner(name: str, options: dict, where: str = "pruner") -> optuna.pruners.BasePruner:
+    return _build("pruner", PRUNERS, PRUNER_DEFAULTS, name, options, where)
+
+
+# ---- storage -----------------------------------------------------------------------------------------------
+def redact(url: str) -> str:
+    """A storage URL without its password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def local_file(url: str) -> Path | None:
+    """The file behind a SQLite URL or a journal path (None for a database server)."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        return Path(url)
+    return None
+
+
+def make_storage(url: str):
+    """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
+    try:
+        if url.endswith((".log", ".journal")) and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=retry_trial)
+        if url.startswith("sqlite"):
+            _sqlite_wal(storage.engine)
+        return storage
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StudyError(f"cannot open storage: {first}", redact(url)) from None
+
+
+def _sqlite_wal(engine) -> None:
+    """WAL journal + synchronous=NORMAL: ~4x cheaper commits (per-item pruner reports), readers never
+    block the writer, and a killed process loses nothing committed (only a power cut could lose the
+    last transactions, never corrupt the file)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(conn, _record):
+        cursor = conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()
+
+
+def close_storage(storage) -> None:
+    """Close a storage's pooled connections (an RDB storage; a journal file has none)."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+@contextmanager
+def storage_failures(url: str):
+    """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
+    traceback: what it had stored is kept, and the same command resumes once it works again."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
+        cause: BaseException = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise StudyError(f"the storage failed: {text} (trials stored so far are kept; fix it and run the "
+                         "same command to resume)", redact(url)) from None
+
+
+def check_creatable(folder: Path) -> None:
+    """Raise a StudyError if `folder` could not be created (or written, when it exists); creates nothing."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        why = "Not a directory" if existing != folder else "it is a file"
+        raise StudyError(f"output folder is not writable: {why} ({existing} is a file, not a folder)", str(folder))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyError("output folder is not writable: Permission denied", str(folder))
+
+
+def create_folder(folder: Path) -> None:
+    """mkdir -p `folder` and prove it is writable, as a StudyError naming it if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise StudyError(f"output folder is not writable: {err.strerror}", str(folder)) from None
+
+
+# ---- studies -----------------------------------------------------------------------------------------------
+def open_study(study_cfg, storage_url: str | None = None, create: bool = True, space=None,
+               new_study: bool = False, storage=None) -> optuna.Study:
+    """Create the study or load the existing one; refuse to resume with a different search space.
+
+    With create=False nothing is created: a missing storage file or study is a StudyError."""
+    url = study_cfg.storage_url(storage_url)
+    file = local_file(url)
+    if file is not None:
+        if not create and not file.is_file():
+            raise StudyError(f"no study yet: {file} does not exist (run `mergesearch search "
+                             f"{study_cfg.path}` first)", str(file))
+        create_folder(file.parent)
+    storage = storage or make_storage(url)
+    exists = study_cfg.name in {s.study_name for s in _summaries(storage, url)}
+    if not create and not exists:
+        raise StudyError(f"no study named {study_cfg.name!r} in the storage (run `mergesearch search "
+                         f"{study_cfg.path}` first)", redact(url))
+    if exists and new_study:
+        optuna.delete_study(study_name=study_cfg.name, storage=storage)
+        exists = False
+    kwargs = {}
+    if space is not None:
+        sampler, pruner = study_cfg.sampler, study_cfg.pruner
+        kwargs = {"sampler": make_sampler(sampler.name, sampler.seed, sampler.options),
+                  "pruner": make_pruner(pruner.name, pruner.options)}
+    directions = ["maximize"] * (len(study_cfg.evaluation.tasks) if study_cfg.multi_objective else 1)
+    try:
+        study = optuna.create_study(study_name=study_cfg.name, storage=storage, directions=directions,
+                                    load_if_exists=True, **kwargs)
+    except ValueError as err:
+        raise StudyError(f"cannot resume study {study_cfg.name!r}: {err}", redact(url)) from None
+    if space is not None:
+        stored = study.user_attrs.get(SPACE_ATTR)
+        if stored is None:
+            study.set_user_attr(SPACE_ATTR, space.signature())
+        elif stored != space.signature():
+            raise StudyError(f"study {study_cfg.name!r} exists with a different search space or merge "
+                             "(pass --new-study to replace it, or change `name`)", study_cfg.path.name)
+    return study
+
+
+@contextmanager
+def opened_study(study_cfg, storage_url: str | None = None):
+    """An existing study, read for a command (export, report), its storage closed afterwards."""
+    url = study_cfg.storage_url(storage_url)
+    file = local_file(url)
+    if file is not None and not file.is_file():
+        open_study(study_cfg, storage_url, create=False)      # raises: no study yet
+    storage = make_storage(url)
+    try:
+        yield open_study(study_cfg, storage_url, create=False, storage=storage)
+    finally:
+        close_storage(storage)
+
+
+def study_differs(study_cfg, space, storage_url: str | None = None) -> bool:
+    """Whether the storage holds this study with another search space (checked without writing anything)."""
+    url = study_cfg.storage_url(storage_url)
+    file = local_file(url)
+    if file is not None and not file.is_file():
+        return False
+    storage = make_storage(url)
+    try:
+        summaries = {s.study_name: s for s in _summaries(storage, url)}
+    finally:
+        close_storage(storage)       # SQLite: its -wal/-shm files go with the last connection
+    summary = summaries.get(study_cfg.name)
+    if summary is None:
+        return False
+    stored = summary.user_attrs.get(SPACE_ATTR)
+    return stored is not None and stored != space.signature()
+
+
+def _summaries(storage, url: str):
+    try:
+        return optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as err:  # noqa: BLE001
+        raise StudyError(f"cannot read storage: {str(err).splitlines()[0]}", redact(url)) from None
+
+
+# ---- trial queries -----------------------------------------------------------------------------------------
+def holdout_results(study: optuna.Study) -> dict[int, dict]:
+    """Held-out re-evaluations stored in the study: trial number -> {score, scores, ...}."""
+    return {int(k): v for k, v in (study.user_attrs.get("holdout") or {}).items()}
+
+
+def best_complete(study: optuna.Study):
+    """The completed trial with the best search score (mean of objectives when multi-objective)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    return max(complete, key=lambda t: (t.user_attrs.get("score", float("-inf")), -t.number))
+
+
+def top_trials(study: optuna.Study, k: int) -> list:
+    """The k completed trials with the best search scores, best first."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.user_attrs.get("score", float("-inf")), t.number))[:k]
+
+
+def trial_by_number(study: optuna.Study, number: int):
+    """The trial numbered `number`, or None."""
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+
+
+def is_stale_failure(t: optuna.trial.FrozenTrial) -> bool:
+    """A FAILED trial whose worker died or was interrupted: retried, so it does not use the budget."""
+    return t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that used or use the budget: finished ones (but retried stale failures) and running ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.WAITING and not is_stale_failure(t))
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                   t.state == TrialState.FAIL and "fail_reason" in t.user_attrs))
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per state name (lower case), states with none left out."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    return counts
+
+
+def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
+    stamp: until its new worker stamps it, a popped retry must look unstamped (see loop.fail_dead_local_trials)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    trial = copy.deepcopy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
