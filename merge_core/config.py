@@ -15,7 +15,7 @@ from typing import Any, Union
 import yaml
 
 from merge_core.errors import MergeConfigError
-from merge_core.methods.base import MergeMethod, Param, get_method
+from merge_core.methods import MergeMethod, Param, get_method
 
 log = logging.getLogger(__name__)
 
@@ -433,23 +433,36 @@ def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
     return Path(os.path.normpath(path))
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a mergekit YAML file; relative model paths resolve against its folder."""
+def read_yaml_mapping(path: str | Path, kind: str = "config", error: type[ValueError] = MergeConfigError) -> dict:
+    """A YAML file that must hold a mapping (a leading UTF-8 BOM is fine). A missing or unreadable file, a syntax
+    error (with its line) or another top-level type raises `error(message, where)` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"{kind} file not found", str(path)) from None
+    except IsADirectoryError:
+        raise error(f"is a folder, not a {kind} file", str(path)) from None
     except OSError as err:
-        raise MergeConfigError(f"cannot read config: {err.strerror or err}", str(path)) from None
+        raise error(f"cannot read {kind} file: {err.strerror or err}", str(path)) from None
+    except UnicodeDecodeError as err:
+        raise error(f"not a UTF-8 text file ({err.reason} at byte {err.start})", str(path)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err)
-        raise MergeConfigError(f"invalid YAML: {problem}", where) from None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(f"invalid YAML: {problem}", where) from None
     if not isinstance(data, dict):
-        raise MergeConfigError(f"expected a mapping at the top level, got {_type_name(data)}", str(path))
-    return parse_config(data, where=str(path), base_dir=path.resolve().parent)
+        raise error(f"a {kind} file must be a YAML mapping, got {_type_name(data)}", str(path))
+    return data
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a mergekit YAML file; relative model paths resolve against its folder."""
+    path = Path(path)
+    return parse_config(read_yaml_mapping(path), where=str(path), base_dir=path.resolve().parent)
 
 
 # ---- dumping ---------------------------------------------------------------------------------------

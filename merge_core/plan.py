@@ -16,9 +16,9 @@ import torch
 
 from merge_core.config import MergeConfig, Parameters
 from merge_core.errors import MergeConfigError
-from merge_core.sources import torch_dtype
-from merge_core.methods.base import MergeMethod, TensorInputs, get_method
+from merge_core.methods import MergeMethod, TensorInputs, get_method
 from merge_core.params import resolve_params
+from merge_core.sources import torch_dtype
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)         # non-persistent buffers mergekit's templates leave out

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import struct
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from merge_core.config import MergeConfig, dump_config, load_config
+from merge_core.config import MergeConfig, dump_config
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
 from merge_core.plan import TensorTask, merge_one, one_thread_per_op

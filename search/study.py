@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from merge_core.config import read_yaml_mapping
 from search import StudyError, store
 
 SAMPLERS = tuple(store.SAMPLERS)
@@ -264,28 +263,8 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
 
 
 def load_yaml(path: Path | str, kind: str = "study") -> dict:
-    """Read a YAML file; a missing file or a syntax error is a StudyError naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise StudyError(f"{kind} file not found", str(path)) from None
-    except IsADirectoryError:
-        raise StudyError(f"is a folder, not a {kind} file", str(path)) from None
-    except OSError as err:
-        raise StudyError(f"cannot read {kind} file: {err.strerror}", str(path)) from None
-    except UnicodeDecodeError as err:
-        raise StudyError(f"not a UTF-8 text file ({err.reason} at byte {err.start})", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise StudyError(f"invalid YAML: {problem}", f"{path}{line}") from None
-    if not isinstance(data, dict):
-        raise StudyError(f"a {kind} file must be a YAML mapping", str(path))
-    return data
+    """Read a study (or soup) YAML mapping; any problem is a StudyError naming the file (and line)."""
+    return read_yaml_mapping(path, kind, StudyError)
 
 
 def load_study(path: Path | str, allow_pickle: bool = False) -> StudyConfig:

@@ -100,7 +100,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     with pytest.raises(MergeConfigError) as err:
         load_config(path)
     assert err.value.where.startswith(f"{path}:4:")
-    with pytest.raises(MergeConfigError, match="cannot read"):
+    with pytest.raises(MergeConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
     path.write_text("- just\n- a list\n")
     with pytest.raises(MergeConfigError, match="mapping"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, TensorInputs, register
+from merge_core.methods.base import TensorInputs, merge_method
 
 QUANTILES = (0.25, 0.5, 0.75)
 
@@ -25,18 +25,8 @@ def fusion_mask(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return importance >= median + 1.5 * (q3 - q1)
 
 
-def merge_arcee_fusion(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None
-                       ) -> torch.Tensor:
+@merge_method("arcee_fusion", reference="https://arcee.ai", base="required", models=(2, 2), delta_based=True)
+def arcee_fusion(inputs: TensorInputs) -> torch.Tensor:
     other = 1 - inputs.base_index
     mask = inputs.cached("fusion_mask", lambda: fusion_mask(inputs.tensors[other], inputs.base))
     return torch.addcmul(inputs.base, inputs.deltas[0], mask)
-
-
-register(MergeMethod(
-    name="arcee_fusion",
-    merge=merge_arcee_fusion,
-    requires_base=True,
-    min_models=2,
-    max_models=2,
-    delta_based=True,
-))

@@ -1,16 +1,31 @@
-"""What every merge method sees and declares: the inputs of one output tensor, parameter specs, the registry.
+"""What every merge method sees and declares: the inputs of one output tensor, the `merge_method` decorator (a
+function's typed signature is its parameter schema), and the registry.
 
 Methods are pure functions over `TensorInputs`; they never read files or know about trials.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Generic,
+    Iterable,
+    Iterator,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import torch
 
 from merge_core.errors import MergeConfigError
+
+T = TypeVar("T")
 
 
 class TensorInputs:
@@ -145,9 +160,28 @@ def _move(value: Any, device: torch.device | str, non_blocking: bool = False) ->
     return value
 
 
+# ---- declaring a method ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Closed bounds of a numeric parameter (None: unbounded on that side); used inside Annotated[...]."""
+
+    low: float | None = None
+    high: float | None = None
+
+
+Unit = Annotated[float, Range(0.0, 1.0)]            # a fraction: density, gamma, epsilon, select_topk
+NonNegative = Annotated[float, Range(0.0, None)]
+
+
+class PerModel(Generic[T]):
+    """Annotation of a per-model parameter (mergekit's `models[i].parameters`): the method receives a list
+    aligned with `inputs.models`, with None for the base of a base-using method (it takes no per-model values)."""
+
+
 @dataclass(frozen=True)
 class Param:
-    """A declared method parameter: default (None = required), type and allowed closed range."""
+    """A declared method parameter: its type, default (None with required=False: optional without default),
+    allowed closed range, and whether it must be given."""
 
     default: Any = None
     kind: type = float
@@ -158,8 +192,8 @@ class Param:
 
 def describe_param(spec: Param) -> str:
     """'float = 1.0 in [0, 1]', 'float (required)': a parameter as `mergesearch methods` lists it."""
-    text = spec.kind.__name__ + (" (required)" if spec.required or spec.default is None and spec.kind is not bool
-                                 and spec.required else f" = {spec.default}" if spec.default is not None else "")
+    text = spec.kind.__name__ + (" (required)" if spec.required else f" = {spec.default}" if spec.default is not None
+                                 else " (optional)")
     if spec.low is not None or spec.high is not None:
         low = "-inf" if spec.low is None else f"{spec.low:g}"
         high = "inf" if spec.high is None else f"{spec.high:g}"
@@ -167,21 +201,20 @@ def describe_param(spec: Param) -> str:
     return text
 
 
-MergeFn = Callable[[TensorInputs, dict[str, Any], list[dict[str, Any]], "torch.Generator | None"], torch.Tensor]
-
-
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge method: a pure function plus what it declares.
+    """A registered merge method: its function and what the function's signature declares.
 
-    merge(inputs, params, model_params, generator) -> merged tensor (compute dtype), where `params` are
-    the method-level values resolved for this tensor and `model_params[i]` those of `inputs.models[i]`.
+    `merge(inputs, params, model_params, generator)` calls the function with the method-level values resolved for
+    one tensor (`params`) and, per input model, its per-model values (`model_params[i]`, {} for a base).
     """
 
     name: str
-    merge: MergeFn
+    function: Callable[..., torch.Tensor]
+    reference: str
     params: dict[str, Param] = field(default_factory=dict)          # method-level (t, normalize, lambda, ...)
     model_params: dict[str, Param] = field(default_factory=dict)    # per model (weight, density, ...)
+    arguments: dict[str, str] = field(default_factory=dict)         # parameter name -> Python argument name
     requires_base: bool = False
     optional_base: bool = False  # uses the base when one is given (nuslerp, multislerp)
     min_models: int = 1          # counting the base model
@@ -189,7 +222,8 @@ class MergeMethod:
     min_non_base: int = 0        # models other than the base (only for methods that use a base)
     max_non_base: int | None = None
     delta_based: bool = False    # needs only base + deltas resident (TensorInputs.drop_raw is safe)
-    random: bool = False         # draws from the generator
+    random: bool = False         # draws from a generator (takes a `generator` argument)
+    bound: dict[str, Any] = field(default_factory=dict)              # arguments this registration fixes
 
     @property
     def uses_base(self) -> bool:
@@ -200,6 +234,80 @@ class MergeMethod:
         """
         return self.requires_base or self.optional_base
 
+    def merge(self, inputs: TensorInputs, params: dict[str, Any], model_params: list[dict[str, Any]],
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        kwargs = {**self.bound, **{self.arguments[name]: value for name, value in params.items()}}
+        for name in self.model_params:
+            kwargs[self.arguments[name]] = [values.get(name) for values in model_params]
+        if self.random:
+            kwargs["generator"] = generator
+        return self.function(inputs, **kwargs)
+
+
+def _spec(name: str, annotation: Any, default: Any) -> tuple[Param, bool]:
+    """(Param, per_model) from one keyword argument of a method function."""
+    per_model = get_origin(annotation) is PerModel
+    if per_model:
+        annotation = get_args(annotation)[0]
+    low = high = None
+    if get_origin(annotation) is Annotated:
+        annotation, *extras = get_args(annotation)
+        for extra in extras:
+            if isinstance(extra, Range):
+                low, high = extra.low, extra.high
+    if annotation not in (bool, int, float, str):
+        raise TypeError(f"parameter {name}: a merge parameter is a bool, int, float or str, not {annotation}")
+    required = default is inspect.Parameter.empty
+    return Param(None if required else default, annotation, low, high, required), per_model
+
+
+def merge_method(name: str, *, reference: str, base: str = "none", models: tuple[int, int | None] = (1, None),
+                 non_base: tuple[int, int | None] = (0, None), delta_based: bool = False,
+                 bind: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None):
+    """Declare and register a merge method; the function's typed signature is its parameter schema.
+
+    The function is `f(inputs: TensorInputs, *, <parameters>, [generator]) -> Tensor`. Each keyword-only
+    argument is a parameter: its annotation gives the type (bool, int, float, str; `Annotated[float, Range(a, b)]`
+    for bounds, e.g. `Unit`), `PerModel[...]` makes it per model, a default makes it optional, a trailing
+    underscore is dropped from the name (`lambda_` is mergekit's `lambda`). A `generator` argument marks a
+    random method. Input contract: `base` ("none" | "optional" | "required"), `models` (min, max) counting the
+    base, `non_base` (min, max) besides it; `delta_based`: works on base + task vectors only.
+    One function may serve several methods (decorators stacked): `bind` fixes arguments that are not parameters
+    (e.g. `consensus`), `defaults` gives this method other defaults than the signature's.
+    """
+    bind, defaults = dict(bind or {}), dict(defaults or {})
+    if base not in ("none", "optional", "required"):
+        raise ValueError(f"base must be none, optional or required, got {base!r}")
+
+    def declare(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        hints = get_type_hints(function, include_extras=True)
+        params, model_params, arguments = {}, {}, {}
+        signature = inspect.signature(function)
+        for argument in list(signature.parameters.values())[1:]:
+            if argument.name == "generator" or argument.name in bind:
+                continue
+            if argument.kind is not inspect.Parameter.KEYWORD_ONLY:
+                raise TypeError(f"{name}: parameter {argument.name} must be keyword-only (after *)")
+            key = argument.name.rstrip("_")
+            spec, per_model = _spec(key, hints[argument.name], defaults.pop(argument.name, argument.default))
+            (model_params if per_model else params)[key] = spec
+            arguments[key] = argument.name
+        register(MergeMethod(
+            name=name, function=function, reference=reference, params=params, model_params=model_params,
+            arguments=arguments, requires_base=base == "required", optional_base=base == "optional",
+            min_models=models[0], max_models=models[1], min_non_base=non_base[0], max_non_base=non_base[1],
+            delta_based=delta_based, random="generator" in signature.parameters, bound=bind))
+        if defaults:
+            raise TypeError(f"{name}: defaults for unknown parameters {sorted(defaults)}")
+        return function
+
+    return declare
+
+
+def non_base(inputs: TensorInputs, values: list) -> list:
+    """The entries of a per-model list that belong to the non-base models (the order of `inputs.deltas`)."""
+    return [values[i] for i in inputs.delta_indices]
+
 
 REGISTRY: dict[str, MergeMethod] = {}
 
@@ -209,14 +317,3 @@ def register(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"merge method {method.name!r} registered twice")
     REGISTRY[method.name] = method
     return method
-
-
-def get_method(name: str) -> MergeMethod:
-    """The registered method `name`, or a MergeConfigError listing the known ones."""
-    import merge_core.methods  # noqa: F401 - registers every method
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(REGISTRY))
-        raise MergeConfigError(f"unknown merge method {name!r} (known: {known})", "merge_method") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+from merge_core.methods.base import TensorInputs, merge_method
 
 
 def stock_ratio(deltas: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
@@ -32,23 +32,13 @@ def stock_ratio(deltas: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
     return ratio.reshape(-1) if deltas[0].dim() == 1 else ratio
 
 
-def merge_model_stock(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None
-                      ) -> torch.Tensor:
+@merge_method("model_stock", reference="https://arxiv.org/abs/2403.19522", base="required", models=(3, None),
+              delta_based=True)
+def model_stock(inputs: TensorInputs, *, filter_wise: bool = False) -> torch.Tensor:
     """base + t · mean_i(delta_i)  (= t · average + (1 - t) · base)."""
     deltas = inputs.deltas
-    filter_wise = params["filter_wise"]
     ratio = inputs.cached(f"stock_ratio/{filter_wise}", lambda: stock_ratio(deltas, filter_wise)) / len(deltas)
     out = deltas[0].clone()
     for d in deltas[1:]:
         out.add_(d)
     return out.mul_(ratio).add_(inputs.base)
-
-
-register(MergeMethod(
-    name="model_stock",
-    merge=merge_model_stock,
-    params={"filter_wise": Param(False, bool)},
-    requires_base=True,
-    min_models=3,
-    delta_based=True,
-))

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+from merge_core.methods.base import TensorInputs, merge_method
 
 
-def merge_nearswap(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None) -> torch.Tensor:
+@merge_method("nearswap", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", base="required",
+              models=(2, 2), delta_based=True)
+def nearswap(inputs: TensorInputs, *, t: float) -> torch.Tensor:
     delta = inputs.deltas[0]
     inverse = inputs.cached("inv_absdiff", lambda: delta.abs().clamp_(min=1e-6).reciprocal_())
-    weight = torch.mul(inverse, params["t"]).clamp_(0, 1)
+    weight = torch.mul(inverse, t).clamp_(0, 1)
     return torch.addcmul(inputs.base, weight, delta)
-
-
-register(MergeMethod(
-    name="nearswap",
-    merge=merge_nearswap,
-    params={"t": Param(None, float, required=True)},
-    requires_base=True,
-    min_models=2,
-    max_models=2,
-    delta_based=True,
-))

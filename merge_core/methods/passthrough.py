@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+from merge_core.methods.base import PerModel, TensorInputs, merge_method
 
 
-def merge_passthrough(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None
-                      ) -> torch.Tensor:
+@merge_method("passthrough", reference="https://github.com/arcee-ai/mergekit", models=(1, 1))
+def passthrough(inputs: TensorInputs, *, scale: PerModel[float] = None) -> torch.Tensor:
     x = inputs.tensors[0]
-    scale = model_params[0]["scale"]
-    return x.clone() if scale is None else x * scale
-
-
-register(MergeMethod(
-    name="passthrough",
-    merge=merge_passthrough,
-    model_params={"scale": Param(None, float)},
-    max_models=1,
-))
+    return x.clone() if scale[0] is None else x * scale[0]

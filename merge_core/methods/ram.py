@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+from merge_core.methods.base import NonNegative, TensorInputs, merge_method
+
+REFERENCE = "https://arxiv.org/abs/2601.13572"
 
 
 def _contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -18,40 +20,25 @@ def _contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, 
     return stacked.mul_(changed), changed, changed.sum(dim=0)
 
 
-def merge_ram(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None) -> torch.Tensor:
+@merge_method("ram", reference=REFERENCE, base="required", delta_based=True)
+def ram(inputs: TensorInputs, *, epsilon: NonNegative = 1e-5) -> torch.Tensor:
     if not inputs.deltas:
         return inputs.base.clone()
-    stacked, _, counts = _contributions(inputs, params["epsilon"])
+    stacked, _, counts = _contributions(inputs, epsilon)
     return (stacked.sum(dim=0) / counts.clamp(min=1)).add_(inputs.base)
 
 
-def merge_ramplus_tl(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None) -> torch.Tensor:
+@merge_method("ramplus_tl", reference=REFERENCE, base="required", delta_based=True)
+def ramplus_tl(inputs: TensorInputs, *, r: float = 0.1, alpha: float = 0.2, epsilon: NonNegative = 1e-5
+               ) -> torch.Tensor:
     if not inputs.deltas:
         return inputs.base.clone()
-    eps = params["epsilon"]
-    stacked, changed, counts = _contributions(inputs, eps)
+    stacked, changed, counts = _contributions(inputs, epsilon)
     unique, shared = counts == 1, counts > 1
     per_model = changed.reshape(len(stacked), -1)
     n_shared = (per_model & shared.reshape(1, -1)).sum(dim=1)
     n_unique = (per_model & unique.reshape(1, -1)).sum(dim=1)
-    boost = 1 + params["r"] * (n_shared / n_unique.clamp(min=eps)).clamp(0, params["alpha"])
+    boost = 1 + r * (n_shared / n_unique.clamp(min=epsilon)).clamp(0, alpha)
     boost = boost.to(stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
     merged = (stacked * torch.where(unique, boost, 1 / counts.clamp(min=1))).sum(dim=0)
     return merged.add_(inputs.base)
-
-
-register(MergeMethod(
-    name="ram",
-    merge=merge_ram,
-    params={"epsilon": Param(1e-5, float, 0.0)},
-    requires_base=True,
-    delta_based=True,
-))
-
-register(MergeMethod(
-    name="ramplus_tl",
-    merge=merge_ramplus_tl,
-    params={"r": Param(0.1, float), "alpha": Param(0.2, float), "epsilon": Param(1e-5, float, 0.0)},
-    requires_base=True,
-    delta_based=True,
-))

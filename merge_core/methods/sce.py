@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register
+from merge_core.methods.base import TensorInputs, Unit, merge_method
 from merge_core.methods.sparsify import keep_ranks, sorted_values
 
 
@@ -17,12 +17,14 @@ def _variance(inputs: TensorInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
     return var, sorted_values(var), int(torch.count_nonzero(var))
 
 
-def merge_sce(inputs: TensorInputs, params: dict, model_params: list[dict], generator=None) -> torch.Tensor:
+@merge_method("sce", reference="https://arxiv.org/abs/2408.07990", base="required", delta_based=True)
+def sce(inputs: TensorInputs, *, select_topk: Unit = 1.0, int8_mask: bool = False) -> torch.Tensor:
+    """`int8_mask` only picks mergekit's mask dtype: no effect on the values."""
     base, deltas = inputs.base, inputs.deltas
     if not deltas:
         return base.clone()
     stacked = torch.stack(deltas)
-    topk = params["select_topk"]
+    topk = select_topk
     if topk < 1:
         var, ordered, nonzero = inputs.cached("sce_variance", lambda: _variance(inputs))
         k = int(nonzero * topk) if topk > 0 else 0
@@ -38,12 +40,3 @@ def merge_sce(inputs: TensorInputs, params: dict, model_params: list[dict], gene
     merged = (stacked * weights).sum(dim=0)
     merged /= weights.sum(dim=0).clamp_(min=1e-6)
     return merged.add_(base)
-
-
-register(MergeMethod(
-    name="sce",
-    merge=merge_sce,
-    params={"int8_mask": Param(False, bool), "select_topk": Param(1.0, float, 0.0, 1.0)},
-    requires_base=True,
-    delta_based=True,
-))

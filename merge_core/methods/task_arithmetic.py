@@ -6,54 +6,40 @@ task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, de
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
 from merge_core.methods import sparsify
-from merge_core.methods.base import MergeMethod, Param, TensorInputs, register, spans
-
-Trim = Callable[[TensorInputs, int, dict[str, Any], "torch.Generator | None"], "sparsify.Keep | None"]
-
-
-def _magnitude(inputs, j, p, gen):
-    return sparsify.magnitude_mask(inputs, j, p["density"])
-
-
-def _outliers(inputs, j, p, gen):
-    return sparsify.outlier_mask(inputs, j, p["density"], p["gamma"])
+from merge_core.methods.base import (
+    PerModel,
+    TensorInputs,
+    Unit,
+    merge_method,
+    non_base,
+    spans,
+)
 
 
-def _bernoulli(inputs, j, p, gen):
-    return sparsify.bernoulli_mask(inputs, j, p["density"], gen)
+def combine(inputs: TensorInputs, weight: list[float], keeps: list[sparsify.Keep | None] | None, *, consensus: bool,
+            normalize: bool, rescale: bool, lam: float) -> torch.Tensor:
+    """base + lam * sum_i w_i keep_i(delta_i) [agreeing with the elected sign] / (sum of those w_i, if normalize).
 
-
-def _della(inputs, j, p, gen):
-    return sparsify.della_mask(inputs, j, p["density"], p["epsilon"], gen)
-
-
-def combine(inputs: TensorInputs, params: dict[str, Any], model_params: list[dict[str, Any]],
-            generator: torch.Generator | None, trim: Trim | None, consensus: bool) -> torch.Tensor:
-    """base + lambda * sum_i w_i trim(delta_i) [agreeing with the elected sign] / (sum of those w_i, if normalize).
-
-    The elected sign is that of sum_i w_i trim(delta_i), with 0 counted positive; an element agrees when its
-    weighted value has that sign (zeros never agree). Without consensus the divisor is sum_i w_i (1 when ~0).
-    A trim rescaled to the L1 norm of its task vector weighs w_i * factor_i in the sums (not in the divisor).
-    The per-tensor scalars come first; then the elementwise work runs span by span (in cache, see `spans`).
+    `weight` is per model (aligned with inputs.models), `keeps` per task vector (None: no trim). The elected sign
+    is that of sum_i w_i keep_i(delta_i), with 0 counted positive; an element agrees when its weighted value has
+    that sign (zeros never agree). Without consensus the divisor is sum_i w_i (1 when ~0). A trim rescaled to
+    the L1 norm of its task vector weighs w_i * factor_i in the sums (not in the divisor). The per-tensor
+    scalars come first; then the elementwise work runs span by span (in cache, see `spans`).
     """
     base = inputs.base
     deltas = inputs.deltas
     if not deltas:
         return base.clone()
-    others = [model_params[i] for i in inputs.delta_indices]
-    weights = [p["weight"] for p in others]
-    keeps = [trim(inputs, j, p, generator) if trim else None for j, p in enumerate(others)]
-    factors = [sparsify.l1_rescale(inputs, j, keep) if params["rescale"] else 1.0 for j, keep in enumerate(keeps)]
+    weights = non_base(inputs, weight)
+    keeps = keeps or [None] * len(deltas)
+    factors = [sparsify.l1_rescale(inputs, j, keep) if rescale else 1.0 for j, keep in enumerate(keeps)]
     coeffs = [w * f for w, f in zip(weights, factors)]
-    lam = params["lambda"]
     if not consensus:
         total = sum(weights)
-        scale = lam / (total if params["normalize"] and abs(total) >= 1e-8 else 1.0)
+        scale = lam / (total if normalize and abs(total) >= 1e-8 else 1.0)
         coeffs = [c * scale for c in coeffs]
 
     out = inputs.new_output(base)
@@ -68,7 +54,7 @@ def combine(inputs: TensorInputs, params: dict[str, Any], model_params: list[dic
                 mixed.add_(k, alpha=c)
             torch.add(flat_base[lo:hi], mixed, out=flat_out[lo:hi])
             continue
-        twice_sum, twice_weight = _elect(kept, weights, coeffs, params["normalize"], scratch[:, :hi - lo])
+        twice_sum, twice_weight = _elect(kept, weights, coeffs, normalize, scratch[:, :hi - lo])
         if twice_weight is None:
             torch.add(flat_base[lo:hi], twice_sum, alpha=lam / 2, out=flat_out[lo:hi])
         else:
@@ -108,34 +94,54 @@ def _elect(kept: list[torch.Tensor], weights: list[float], coeffs: list[float], 
     return twice_sum, twice_weight
 
 
-def _declare(name: str, trim: Trim | None, consensus: bool, normalize: bool, rescale: bool,
-             extra: dict[str, Param] | None = None) -> MergeMethod:
-    def merge(inputs, params, model_params, generator):
-        return combine(inputs, params, model_params, generator, trim, consensus)
-
-    merge.__name__ = f"merge_{name}"
-    return register(MergeMethod(
-        name=name,
-        merge=merge,
-        params={"int8_mask": Param(False, bool),   # only picks mergekit's mask dtype: no effect on values
-                "normalize": Param(normalize, bool),
-                "rescale": Param(rescale, bool), "lambda": Param(1.0, float)},
-        model_params={"weight": Param(None, float, required=True), "density": Param(1.0, float, 0.0, 1.0),
-                      **(extra or {})},
-        requires_base=True,
-        delta_based=True,
-        random=trim in (_bernoulli, _della),
-    ))
+# ---- the methods: trim, consensus and default normalize / rescale as mergekit 0.1.5 declares them ---------
+# `int8_mask` only picks mergekit's mask dtype (no effect on values); `density` is accepted by every method of the
+# family, as in mergekit, and used by those that trim.
+TA, TIES, DARE = "https://arxiv.org/abs/2212.04089", "https://arxiv.org/abs/2306.01708", "https://arxiv.org/abs/2311.03099"
+CRUMBS, DELLA = "https://arxiv.org/abs/2312.06795", "https://arxiv.org/abs/2406.11617"
 
 
-GAMMA = {"gamma": Param(0.01, float, 0.0, 1.0)}
-EPSILON = {"epsilon": Param(0.15, float, 0.0, 1.0)}
+@merge_method("task_arithmetic", reference=TA, base="required", delta_based=True)
+def task_arithmetic(inputs: TensorInputs, *, weight: PerModel[float], density: PerModel[Unit] = 1.0,
+                    normalize: bool = False, rescale: bool = False, lambda_: float = 1.0, int8_mask: bool = False):
+    return combine(inputs, weight, None, consensus=False, normalize=normalize, rescale=rescale, lam=lambda_)
 
-_declare("task_arithmetic", None, consensus=False, normalize=False, rescale=False)
-_declare("ties", _magnitude, consensus=True, normalize=True, rescale=False)
-_declare("dare_ties", _bernoulli, consensus=True, normalize=False, rescale=True)
-_declare("dare_linear", _bernoulli, consensus=False, normalize=False, rescale=True)
-_declare("breadcrumbs", _outliers, consensus=False, normalize=False, rescale=False, extra=GAMMA)
-_declare("breadcrumbs_ties", _outliers, consensus=True, normalize=False, rescale=False, extra=GAMMA)
-_declare("della", _della, consensus=True, normalize=True, rescale=True, extra=EPSILON)
-_declare("della_linear", _della, consensus=False, normalize=False, rescale=True, extra=EPSILON)
+
+@merge_method("ties", reference=TIES, base="required", delta_based=True)
+def ties(inputs: TensorInputs, *, weight: PerModel[float], density: PerModel[Unit] = 1.0, normalize: bool = True,
+         rescale: bool = False, lambda_: float = 1.0, int8_mask: bool = False):
+    keeps = [sparsify.magnitude_mask(inputs, j, d) for j, d in enumerate(non_base(inputs, density))]
+    return combine(inputs, weight, keeps, consensus=True, normalize=normalize, rescale=rescale, lam=lambda_)
+
+
+@merge_method("dare_linear", reference=DARE, base="required", delta_based=True, bind={"consensus": False})
+@merge_method("dare_ties", reference=DARE, base="required", delta_based=True, bind={"consensus": True})
+def dare(inputs: TensorInputs, *, consensus: bool, weight: PerModel[float], density: PerModel[Unit] = 1.0,
+         normalize: bool = False, rescale: bool = True, lambda_: float = 1.0, int8_mask: bool = False,
+         generator: torch.Generator | None = None):
+    """DARE: keep each task-vector entry with probability `density` (and rescale); with or without sign consensus."""
+    keeps = [sparsify.bernoulli_mask(inputs, j, d, generator) for j, d in enumerate(non_base(inputs, density))]
+    return combine(inputs, weight, keeps, consensus=consensus, normalize=normalize, rescale=rescale, lam=lambda_)
+
+
+@merge_method("breadcrumbs", reference=CRUMBS, base="required", delta_based=True, bind={"consensus": False})
+@merge_method("breadcrumbs_ties", reference=CRUMBS, base="required", delta_based=True, bind={"consensus": True})
+def breadcrumbs(inputs: TensorInputs, *, consensus: bool, weight: PerModel[float], density: PerModel[Unit] = 1.0,
+                gamma: PerModel[Unit] = 0.01, normalize: bool = False, rescale: bool = False, lambda_: float = 1.0,
+                int8_mask: bool = False):
+    """Model Breadcrumbs: drop the largest (gamma) and the smallest entries of each task vector, keep `density`."""
+    keeps = [sparsify.outlier_mask(inputs, j, d, g)
+             for j, (d, g) in enumerate(zip(non_base(inputs, density), non_base(inputs, gamma)))]
+    return combine(inputs, weight, keeps, consensus=consensus, normalize=normalize, rescale=rescale, lam=lambda_)
+
+
+@merge_method("della_linear", reference=DELLA, base="required", delta_based=True, bind={"consensus": False},
+              defaults={"normalize": False})
+@merge_method("della", reference=DELLA, base="required", delta_based=True, bind={"consensus": True})
+def della(inputs: TensorInputs, *, consensus: bool, weight: PerModel[float], density: PerModel[Unit] = 1.0,
+          epsilon: PerModel[Unit] = 0.15, normalize: bool = True, rescale: bool = True, lambda_: float = 1.0,
+          int8_mask: bool = False, generator: torch.Generator | None = None):
+    """DELLA: keep entries with a probability that grows with their magnitude rank (MagPrune), then rescale."""
+    keeps = [sparsify.della_mask(inputs, j, d, e, generator)
+             for j, (d, e) in enumerate(zip(non_base(inputs, density), non_base(inputs, epsilon)))]
+    return combine(inputs, weight, keeps, consensus=consensus, normalize=normalize, rescale=rescale, lam=lambda_)

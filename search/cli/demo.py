@@ -7,7 +7,6 @@ comparing every parent, the plain uniform merges and the recipe found. Owns only
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from evaluators import EvalError
-from evaluators.tasks import EvaluationConfig, check_unique_names, parse_evaluation_block, parse_task_arg
+from evaluators.tasks import (
+    EvaluationConfig,
+    check_unique_names,
+    parse_evaluation_block,
+    parse_task_arg,
+)
+from merge_core.config import read_yaml_mapping
 from search.cli.output import console, print_json
 
 log = logging.getLogger(__name__)
@@ -69,19 +75,8 @@ def _evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
 
 def read_evaluation_block(path: Path) -> EvaluationConfig:
     """The `evaluation:` block of a study (or soup) YAML, its relative paths resolved against the YAML's folder."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise EvalError("file not found", str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise EvalError(f"invalid YAML: {problem}", f"{path}:{mark.line + 1}" if mark else str(path)) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise EvalError(f"cannot read YAML: {err}", str(path)) from None
-    if not isinstance(data, dict) or "evaluation" not in data:
+    data = read_yaml_mapping(path, "study", EvalError)
+    if "evaluation" not in data:
         raise EvalError("has no `evaluation:` block", str(path))
     return parse_evaluation_block(data["evaluation"], base_dir=path.resolve().parent, where=f"{path}: evaluation")
 
