@@ -26,7 +26,8 @@ import torch
 from merge_core.config import MergeConfig, config_to_dict
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, one_thread_per_op, plan_merge
+from merge_core.plan import (TensorTask, layer_count_key, merge_one, one_thread_per_op, output_layers,
+                             plan_sources)
 from merge_core.sources import ModelSource, check_compatible, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def open_sources(config: MergeConfig, allow_pickle: bool = False) -> dict[str, M
 
 def plan_for(config: MergeConfig, sources: dict[str, ModelSource]) -> list[TensorTask]:
     """Check the sources agree, then plan the output tensors."""
-    check_compatible(sources, same_layers=not config.slices)
-    return plan_merge(config, {ref: s.tensor_names for ref, s in sources.items()},
-                      {ref: s.num_layers for ref, s in sources.items()})
+    return plan_sources(config, sources)
 
 
 def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], plan: list[TensorTask],
@@ -67,9 +66,9 @@ def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], pl
     """config.json of the merged model: the base (or first) model's, with the output layer count and dtype."""
     first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
     out = dict(first.config)
-    layers = {int(m.group(1)) for t in plan if (m := _layer_of(t.out_name))}
-    if layers:
-        out["num_hidden_layers"] = max(layers) + 1
+    layers = output_layers(plan)
+    if layers is not None:
+        out[layer_count_key(first.arch, out)] = layers
     if out.get("tie_word_embeddings") and any(t.out_name == "lm_head.weight" for t in plan):
         out["tie_word_embeddings"] = False   # a tied base merged with untied models gets its own head
     out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
@@ -89,12 +88,6 @@ def stored_float_dtype(sources) -> torch.dtype:
     for other in found:
         dtype = torch.promote_types(dtype, other)
     return dtype
-
-
-def _layer_of(name: str):
-    from merge_core.sources import LAYER_RE
-
-    return LAYER_RE.search(name)
 
 
 def structure_of(config: MergeConfig) -> dict:
