@@ -25,10 +25,11 @@ import torch
 
 from merge_core.config import MergeConfig, config_to_dict
 from merge_core.errors import MergeConfigError
+from merge_core.lora import build_inputs
 from merge_core.methods import TensorInputs, get_method
 from merge_core.plan import (TensorTask, layer_count_key, merge_one, one_thread_per_op, output_layers,
                              plan_sources)
-from merge_core.sources import ModelSource, check_compatible, torch_dtype
+from merge_core.sources import ModelSource, check_compatible, open_models, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 def open_sources(config: MergeConfig, allow_pickle: bool = False) -> dict[str, ModelSource]:
     """Open every model the config references (base first), keyed by the reference as written."""
-    return {ref: ModelSource(config.resolve_model(ref), ref=ref, allow_pickle=allow_pickle)
-            for ref in config.referenced_models()}
+    return open_models(config, allow_pickle)
 
 
 def plan_for(config: MergeConfig, sources: dict[str, ModelSource]) -> list[TensorTask]:
@@ -175,8 +175,16 @@ class MergeEngine:
     def _load_inputs(self) -> list[TensorInputs]:
         store = "cpu" if self.offload else self.device
         read: dict[tuple[str, str], torch.Tensor] = {}
+        shared: dict[tuple, torch.Tensor] = {}
         inputs = []
         for task, target in zip(self.plan, self._targets):
+            item = build_inputs(task, self.sources, self.method, self.compute_dtype, store, shared)
+            if item is not None:            # LoRA sources: the base held once, updates low-rank where possible
+                if self.method.delta_based:
+                    item.drop_raw()
+                item.out = target
+                inputs.append(item)
+                continue
             tensors = []
             for ref, name in task.sources:
                 key = (ref, name)

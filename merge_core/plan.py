@@ -296,6 +296,11 @@ def merge_one(task: TensorTask, inputs: TensorInputs, cfg: MergeConfig, method: 
     With seed None a random method draws a fresh seed.
     """
     params, model_params = resolve_tensor_params(cfg, method, task)
+    low_rank = getattr(inputs, "merge_low_rank", None)      # LoRA sources kept low-rank (merge_core.lora)
+    if low_rank is not None:
+        merged = low_rank(method, params, model_params)
+        if merged is not None:
+            return merged
     generator = None
     if method.random:
         generator = torch.Generator(device=inputs.device)
