@@ -149,17 +149,12 @@ def _decoder(model_type: str, names: tuple[str, ...], layer: tuple[Weight, ...],
 
 
 # Mixture-of-experts tensors as transformers v5 holds them (fused over experts), with the per-expert checkpoint
-# layouts they are built from.
-def _fused_experts(prefix: str, gate_up: tuple[tuple[str, str], ...], down: tuple[str, ...]) -> tuple[Weight, ...]:
-    return (
-        Weight(f"{prefix}experts.gate_up_proj",
-               experts=tuple((f"{p}experts.{{e}}.{g}.weight", f"{p}experts.{{e}}.{u}.weight")
-                             for p, (g, u) in ((prefix, gu) for gu in gate_up))),
-        Weight(f"{prefix}experts.down_proj", experts=tuple((f"{prefix}experts.{{e}}.{d}.weight",) for d in down)),
-    )
-
-
-QWEN_MOE_EXPERTS = _fused_experts("mlp.", (("gate_proj", "up_proj"),), ("down_proj",))
+# layouts they are built from (what transformers' loading conversion does for these model types).
+QWEN_MOE_EXPERTS = (
+    Weight("mlp.experts.gate_up_proj",
+           experts=(("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),)),
+    Weight("mlp.experts.down_proj", experts=(("mlp.experts.{e}.down_proj.weight",),)),
+)
 MIXTRAL_EXPERTS = (
     Weight("mlp.experts.gate_up_proj", experts=(("mlp.experts.{e}.w1.weight", "mlp.experts.{e}.w3.weight"),
                                                 ("block_sparse_moe.experts.{e}.w1.weight",
@@ -237,7 +232,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
              + QKVO + QK_NORM + GATED_MLP),
     _decoder("olmo2", ("Olmo2ForCausalLM",), _req("post_attention_layernorm.weight",
                                                   "post_feedforward_layernorm.weight") + QKVO + QK_NORM + GATED_MLP),
-    _decoder("cohere", ("CohereForCausalLM",), _req("input_layernorm.weight") + QKVO + QK_NORM + GATED_MLP,
+    # Cohere: q_norm / k_norm exist only with use_qk_norm (Command R+); mergekit requires them, here they are optional
+    _decoder("cohere", ("CohereForCausalLM",), _req("input_layernorm.weight") + QKVO
+             + _opt("self_attn.q_norm.weight", "self_attn.k_norm.weight") + GATED_MLP,
              head=Weight("lm_head.weight", optional=True)),
     _decoder("cohere2", ("Cohere2ForCausalLM",), _req("input_layernorm.weight") + QKVO + GATED_MLP,
              head=Weight("lm_head.weight", optional=True)),

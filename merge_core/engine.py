@@ -158,12 +158,14 @@ class MergeEngine:
 
     def _bind_targets(self) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))   # merged buffers (GLM-4-MoE's bias)
         targets = []
         for task in self.plan:
-            if task.out_name not in params:
+            place = params.get(task.out_name, buffers.get(task.out_name))
+            if place is None:
                 raise MergeConfigError(f"merged tensor {task.out_name!r} has no place in the "
                                        f"{type(self.model).__name__} model", "plan")
-            targets.append(params[task.out_name].data)
+            targets.append(place.data)
         planned = {t.out_name for t in self.plan}
         tied = {name for name, p in params.items() if name not in planned
                 and any(p.data_ptr() == t.data_ptr() for t in targets)}

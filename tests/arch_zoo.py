@@ -72,3 +72,40 @@ def parity_configs(family: dict[str, Path], layers: int = 3) -> dict[str, dict]:
         "slerp": {"merge_method": "slerp", "base_model": ft1, "dtype": "float32",
                   "models": [{"model": ft1}, {"model": ft2}], "parameters": {"t": [0.0, 0.3, 0.9]}},
     }
+
+
+# More architectures transformers builds without remote code, for a second parity test: model_type -> config kwargs.
+_DECODER = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MORE_ARCHS = {
+    "gemma": _DECODER, "olmo2": _DECODER, "cohere2": _DECODER, "granite": _DECODER, "starcoder2": _DECODER,
+    "arcee": _DECODER, "apertus": _DECODER, "lfm2": _DECODER, "glm4": _DECODER,
+    "cohere": dict(_DECODER, use_qk_norm=False),          # mergekit requires q_norm/k_norm: it refuses this one
+    "glm4_moe": dict(_DECODER, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                     first_k_dense_replace=1),
+    "phi": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4, vocab_size=VOCAB,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_bigcode": dict(n_embd=32, n_layer=3, n_head=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
+    "mamba": dict(hidden_size=32, num_hidden_layers=3, vocab_size=VOCAB, state_size=4, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2),
+}
+
+
+def build_more(model_type: str, folder: Path, seed: int = 0) -> dict[str, Path]:
+    """base, ft1, ft2 of one of MORE_ARCHS (as build_family)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **MORE_ARCHS[model_type])).float()
+    out = {"base": folder / "base"}
+    model.save_pretrained(out["base"])
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in (1, 2):
+        gen = torch.Generator().manual_seed(seed * 10 + k)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(original[name] + 0.02 * torch.randn(p.shape, generator=gen))
+        out[f"ft{k}"] = folder / f"ft{k}"
+        model.save_pretrained(out[f"ft{k}"])
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from arch_zoo import ARCHS, build_family, parity_configs
+from arch_zoo import ARCHS, MORE_ARCHS, build_family, build_more, parity_configs
 from mergekit_oracle import max_abs_diff, read_folder, run_mergekit
 
 from merge_core.architectures import ARCHITECTURES, find_architecture
@@ -63,6 +63,8 @@ def _deliberate(model_type: str, name: str, theirs, ours_) -> bool:
         return ours_[1] == (name.replace("mlp.gate", "block_sparse_moe.gate"),)   # transformers' own renaming
     if model_type == "gpt_neox" and name.endswith(("attention.bias", "masked_bias", "inv_freq")):
         return ours_[0] is True              # buffers transformers v5 no longer saves: optional
+    if model_type == "cohere" and name.endswith(("q_norm.weight", "k_norm.weight")):
+        return ours_[0] is True              # present only with use_qk_norm
     if model_type == "falcon":               # Falcon-7B layouts: any layer norm optional, a tied head
         return ours_[0] is True and (".ln_" in name or "layernorm" in name or name == "lm_head.weight")
     return False
@@ -121,6 +123,21 @@ def test_merge_equals_mergekit(arch_zoo, tmp_path, arch, method):
     assert diff <= TOL, f"{arch} {method}: max |diff| {diff:.2e} at {where}"
     live = engine_state(config)               # the in-memory trial path writes the same values
     assert max_abs_diff({n: live[n] for n in mine}, mine)[0] <= 1e-6
+
+
+@pytest.mark.parametrize("model_type", sorted(MORE_ARCHS))
+def test_more_architectures_merge_as_mergekit_does(tmp_path, model_type):
+    """The other table entries transformers builds natively: equal to mergekit where mergekit merges them."""
+    config = parity_configs(build_more(model_type, tmp_path / "m"))["ties"]
+    mine = ours(config, tmp_path / "ours")
+    live = engine_state(config)
+    assert max_abs_diff({n: live[n] for n in mine}, mine)[0] <= 1e-6
+    if model_type == "cohere":                 # without use_qk_norm: mergekit's table requires q_norm / k_norm
+        with pytest.raises(Exception, match="q_norm"):
+            run_mergekit(config, tmp_path / "mergekit")
+        return
+    theirs = run_mergekit(config, tmp_path / "mergekit")
+    assert set(mine) == set(theirs) and max_abs_diff(mine, theirs)[0] <= TOL
 
 
 def test_moe_experts_are_written_fused_as_mergekit_writes_them(arch_zoo, tmp_path):
