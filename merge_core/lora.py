@@ -370,14 +370,14 @@ def build_inputs(task, sources: dict[str, ModelSource], method: MergeMethod, dty
                  cache: dict) -> TensorInputs | None:
     """The engine's resident inputs of a task with an adapter among its sources (None without one: the engine reads
     as usual). `cache` (shared across tasks) holds each tensor once: sources that leave a tensor as their base has
-    it read one copy. Where the method merges from factors (linear, task_arithmetic) and an adapter updates the
-    tensor, the update stays low-rank (LowRankInputs); otherwise the adapted tensor is held dense.
+    it read one copy. Where the method merges from factors (linear, task_arithmetic), updates stay low-rank
+    (LowRankInputs, which keeps no dense task vectors); for other methods adapted tensors are held dense.
     """
     if not any(isinstance(sources[ref], AdapterSource) for ref, _ in task.sources):
         return None
     ups = [sources[ref].factors(name) if isinstance(sources[ref], AdapterSource) else None
            for ref, name in task.sources]
-    low_rank = method.name in LOW_RANK_METHODS and any(u is not None for u in ups)
+    low_rank = method.name in LOW_RANK_METHODS      # also where no adapter updates it: no dense deltas kept
 
     def load(key, read):
         if key not in cache:

@@ -72,9 +72,7 @@ class ModelSource:
             from merge_core.hub import not_found_hint
 
             name = self.ref.partition("+")[0].partition("@")[0]
-            raise MergeConfigError(
-                f"model folder not found at {self.path}{not_found_hint(name)} (mergesearch reads local folders and "
-                "the Hugging Face cache; it downloads only when allowed)", where)
+            raise MergeConfigError(f"model folder not found at {self.path}{not_found_hint(name)}", where)
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise MergeConfigError(f"no config.json in {self.path}", where)
