@@ -174,7 +174,10 @@ class AdapterSource(ModelSource):
         for name, update in self.adapter.low_rank.items():
             shape = self.meta[name].shape
             rows, cols = update.b.shape[0], update.a.shape[1]
-            if update.embedding:
+            if update.embedding:                 # lora_embedding_B @ lora_embedding_A is [dim, vocab]
+                if (cols, rows) != shape:
+                    raise MergeConfigError(f"the adapter's embedding update of {name!r} has shape [{cols}, {rows}], "
+                                           f"the tensor {list(shape)}", f"model {self.ref}")
                 continue
             if (rows, cols) == shape and (cols, rows) != shape:
                 update.transpose = False
@@ -185,9 +188,6 @@ class AdapterSource(ModelSource):
             else:
                 raise MergeConfigError(f"the adapter's update of {name!r} has shape [{rows}, {cols}], the tensor "
                                        f"{list(shape)}", f"model {self.ref}")
-            if update.embedding and (cols, rows) != shape:
-                raise MergeConfigError(f"the adapter's embedding update of {name!r} does not fit its shape",
-                                       f"model {self.ref}")
 
     def read(self, name: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """The base's tensor with the adapter applied as PEFT merges it, then cast to dtype and moved to device."""
