@@ -87,8 +87,13 @@ class MergeConfig:
     base_dir: Path | None = field(default=None, compare=False)  # folder of the YAML file, for relative paths
 
     def resolve_model(self, ref: str) -> Path:
-        """The folder of model reference `ref`: relative paths are taken against the YAML file's folder."""
-        return resolve_path(ref, self.base_dir)
+        """The folder holding the config.json of model reference `ref` (for BASE+ADAPTER or an adapter folder: the
+        base model's). Relative paths are taken against the YAML file's folder; Hub ids come from the local cache."""
+        return self.resolve_ref(ref).model
+
+    def resolve_ref(self, ref: str) -> "ResolvedRef":
+        """Model reference `ref` as folders: the model, and the LoRA adapter applied to it (None without one)."""
+        return resolve_ref(ref, self.base_dir)
 
     def referenced_models(self) -> list[str]:
         """Every model reference, each once, in order of first appearance (base model last if not listed)."""
@@ -143,11 +148,15 @@ def _string(value: Any, where: str, field_path: str, optional: bool = False) -> 
 
 
 def _model_ref(value: Any, where: str, field_path: str) -> str:
+    """A model reference as mergekit reads it: MODEL[@REVISION][+ADAPTER[@REVISION]] (paths or Hub ids)."""
     ref = _string(value, where, field_path)
-    if "+" in ref:
-        raise _fail(f"LoRA model references ({ref!r}) are not supported; merge the adapter first", where, field_path)
-    if "@" in ref:
-        raise _fail(f"model revisions ({ref!r}) are not supported; use a local folder", where, field_path)
+    parts = ref.split("+")
+    if len(parts) > 2:
+        raise _fail(f"{ref!r}: a model reference has at most one '+' (MODEL+LORA_ADAPTER)", where, field_path)
+    for part in parts:
+        name, at, revision = part.partition("@")
+        if not name or (at and not revision) or "@" in revision:
+            raise _fail(f"{ref!r}: expected MODEL[@REVISION][+ADAPTER[@REVISION]]", where, field_path)
     return ref
 
 
@@ -424,6 +433,88 @@ def _slice(entry: Any, method: MergeMethod, top_base: str | None, where: str, lo
                        _parameters(entry.get("parameters"), method, where, f"{loc}.parameters", False))
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """The parts of a model reference: MODEL[@REVISION][+ADAPTER[@REVISION]]."""
+
+    model: str
+    revision: str | None = None
+    adapter: str | None = None
+    adapter_revision: str | None = None
+
+    @staticmethod
+    def parse(ref: str) -> "ModelRef":
+        model, _, adapter = ref.partition("+")
+        name, _, rev = model.partition("@")
+        lora, _, lora_rev = adapter.partition("@")
+        return ModelRef(name, rev or None, lora or None, lora_rev or None)
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """Where a model reference lives: the model folder (with config.json) and the LoRA adapter folder, if any."""
+
+    model: Path
+    adapter: Path | None = None
+
+
+def resolve_ref(ref: str, base_dir: Path | None) -> ResolvedRef:
+    """The folders of a model reference. Each part is a local path (relative to `base_dir`), else a Hub id found in
+    the local Hub cache (or downloaded, when allowed: see merge_core.hub). A PEFT adapter folder given alone is
+    applied to the base model its adapter_config.json names."""
+    where = f"model {ref}"
+    parts = ModelRef.parse(ref)
+    model = _resolve_part(parts.model, parts.revision, base_dir, "model", where)
+    if parts.adapter is not None:
+        return ResolvedRef(model, _resolve_part(parts.adapter, parts.adapter_revision, base_dir, "adapter", where))
+    if (model / "adapter_config.json").is_file() and not (model / "config.json").is_file():
+        return ResolvedRef(_adapter_base(model, base_dir, where), model)
+    return ResolvedRef(model)
+
+
+def _resolve_part(name: str, revision: str | None, base_dir: Path | None, kind: str, where: str) -> Path:
+    """A local path when it exists, else a Hub id's cached (or, when allowed, downloaded) snapshot, else the local
+    path (the caller's 'not found' error names both places)."""
+    from merge_core.hub import find_hub, is_hub_id
+
+    full = name if revision is None else f"{name}@{revision}"
+    local = resolve_path(full, base_dir)
+    if local.exists():
+        return local
+    if is_hub_id(name):
+        found = find_hub(name, revision, kind, where)
+        if found is not None:
+            return found
+    elif revision is not None:
+        raise MergeConfigError(f"@{revision}: revisions are for Hugging Face Hub ids (org/name), and {name} is "
+                               "not one", where)
+    return local
+
+
+def _adapter_base(adapter: Path, base_dir: Path | None, where: str) -> Path:
+    """The base model of an adapter folder: its adapter_config.json's base_model_name_or_path (a path, relative to
+    the YAML's folder or to the adapter's parent, or a Hub id)."""
+    import json
+
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise MergeConfigError(f"unreadable adapter_config.json: {err}", where) from None
+    if not base:
+        raise MergeConfigError("adapter_config.json names no base model (base_model_name_or_path); write the "
+                               "reference as BASE+ADAPTER", where)
+    from merge_core.hub import not_found_hint
+
+    for candidate in (resolve_path(base, base_dir), adapter.parent / base):
+        if candidate.is_dir():
+            return candidate
+    found = _resolve_part(base, None, None, "model", where)
+    if not found.is_dir():
+        raise MergeConfigError(f"the adapter's base model {base!r} (base_model_name_or_path in adapter_config.json) "
+                               f"was not found{not_found_hint(base)}; write the reference as BASE+ADAPTER", where)
+    return found
+
+
 def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
     """A path written in a YAML file: `~` expanded, relative paths taken against the file's folder `base_dir`,
     `..` and `.` folded (symbolic links are kept as written)."""
@@ -486,7 +577,7 @@ def _params_to_plain(params: Parameters) -> dict[str, Any]:
 
 def config_to_dict(cfg: MergeConfig, absolute_paths: bool = False) -> dict[str, Any]:
     """The config as a plain mergekit dict (model references as written, or resolved with absolute_paths)."""
-    ref = (lambda r: os.path.abspath(cfg.resolve_model(r))) if absolute_paths else (lambda r: r)
+    ref = (lambda r: _absolute_ref(r, cfg.base_dir)) if absolute_paths else (lambda r: r)
     out: dict[str, Any] = {"merge_method": cfg.merge_method}
     if cfg.base_model is not None:
         out["base_model"] = ref(cfg.base_model)
@@ -525,6 +616,22 @@ def config_to_dict(cfg: MergeConfig, absolute_paths: bool = False) -> dict[str, 
     if cfg.tokenizer is not None:
         out["tokenizer"] = yaml.safe_load(yaml.safe_dump(cfg.tokenizer))
     return out
+
+
+def _absolute_ref(ref: str, base_dir: Path | None) -> str:
+    """A model reference with its local parts made absolute (Hub ids, revisions and '+' kept)."""
+    from merge_core.hub import cached_snapshot, is_hub_id
+
+    def part(name: str, revision: str | None, kind: str) -> str:
+        full = name if revision is None else f"{name}@{revision}"
+        local = resolve_path(full, base_dir)
+        if not local.exists() and is_hub_id(name) and cached_snapshot(name, revision, kind) is not None:
+            return full         # a Hub id: mergekit finds it in the same cache
+        return os.path.abspath(local)
+
+    parts = ModelRef.parse(ref)
+    out = part(parts.model, parts.revision, "model")
+    return out if parts.adapter is None else f"{out}+{part(parts.adapter, parts.adapter_revision, 'adapter')}"
 
 
 class _Dumper(yaml.SafeDumper):

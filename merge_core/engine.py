@@ -25,9 +25,11 @@ import torch
 
 from merge_core.config import MergeConfig, config_to_dict
 from merge_core.errors import MergeConfigError
+from merge_core.lora import build_inputs
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, one_thread_per_op, plan_merge
-from merge_core.sources import ModelSource, check_compatible, torch_dtype
+from merge_core.plan import (TensorTask, layer_count_key, merge_one, one_thread_per_op, output_layers,
+                             plan_sources)
+from merge_core.sources import ModelSource, check_compatible, open_models, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,12 @@ def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 def open_sources(config: MergeConfig, allow_pickle: bool = False) -> dict[str, ModelSource]:
     """Open every model the config references (base first), keyed by the reference as written."""
-    return {ref: ModelSource(config.resolve_model(ref), ref=ref, allow_pickle=allow_pickle)
-            for ref in config.referenced_models()}
+    return open_models(config, allow_pickle)
 
 
 def plan_for(config: MergeConfig, sources: dict[str, ModelSource]) -> list[TensorTask]:
     """Check the sources agree, then plan the output tensors."""
-    check_compatible(sources, same_layers=not config.slices)
-    return plan_merge(config, {ref: s.tensor_names for ref, s in sources.items()},
-                      {ref: s.num_layers for ref, s in sources.items()})
+    return plan_sources(config, sources)
 
 
 def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], plan: list[TensorTask],
@@ -67,9 +66,9 @@ def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], pl
     """config.json of the merged model: the base (or first) model's, with the output layer count and dtype."""
     first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
     out = dict(first.config)
-    layers = {int(m.group(1)) for t in plan if (m := _layer_of(t.out_name))}
-    if layers:
-        out["num_hidden_layers"] = max(layers) + 1
+    layers = output_layers(plan)
+    if layers is not None:
+        out[layer_count_key(first.arch, out)] = layers
     if out.get("tie_word_embeddings") and any(t.out_name == "lm_head.weight" for t in plan):
         out["tie_word_embeddings"] = False   # a tied base merged with untied models gets its own head
     out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
@@ -89,12 +88,6 @@ def stored_float_dtype(sources) -> torch.dtype:
     for other in found:
         dtype = torch.promote_types(dtype, other)
     return dtype
-
-
-def _layer_of(name: str):
-    from merge_core.sources import LAYER_RE
-
-    return LAYER_RE.search(name)
 
 
 def structure_of(config: MergeConfig) -> dict:
@@ -165,12 +158,14 @@ class MergeEngine:
 
     def _bind_targets(self) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))   # merged buffers (GLM-4-MoE's bias)
         targets = []
         for task in self.plan:
-            if task.out_name not in params:
+            place = params.get(task.out_name, buffers.get(task.out_name))
+            if place is None:
                 raise MergeConfigError(f"merged tensor {task.out_name!r} has no place in the "
                                        f"{type(self.model).__name__} model", "plan")
-            targets.append(params[task.out_name].data)
+            targets.append(place.data)
         planned = {t.out_name for t in self.plan}
         tied = {name for name, p in params.items() if name not in planned
                 and any(p.data_ptr() == t.data_ptr() for t in targets)}
@@ -182,8 +177,16 @@ class MergeEngine:
     def _load_inputs(self) -> list[TensorInputs]:
         store = "cpu" if self.offload else self.device
         read: dict[tuple[str, str], torch.Tensor] = {}
+        shared: dict[tuple, torch.Tensor] = {}
         inputs = []
         for task, target in zip(self.plan, self._targets):
+            item = build_inputs(task, self.sources, self.method, self.compute_dtype, store, shared)
+            if item is not None:            # LoRA sources: the base held once, updates low-rank where possible
+                if self.method.delta_based:
+                    item.drop_raw()
+                item.out = target
+                inputs.append(item)
+                continue
             tensors = []
             for ref, name in task.sources:
                 key = (ref, name)

@@ -7,22 +7,18 @@ Reads no files (callers pass tensor names, layer counts and a reader) and keeps 
 from __future__ import annotations
 
 import hashlib
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
+from merge_core.architectures import Architecture, Weight, guess_architecture
 from merge_core.config import MergeConfig, Parameters
 from merge_core.errors import MergeConfigError
 from merge_core.methods import MergeMethod, TensorInputs, get_method
 from merge_core.params import resolve_params
 from merge_core.sources import torch_dtype
-
-LAYER_RE = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)         # non-persistent buffers mergekit's templates leave out
-TIED = {"lm_head.weight": "model.embed_tokens.weight"}  # an optional head read from the embeddings when absent
 
 
 @dataclass(frozen=True)
@@ -36,6 +32,7 @@ class TensorTask:
     origins: per source, its index in `models` (or in that slice's `sources`), None for a base that mergekit adds.
     param_names: per source, the tensor name its filters are matched against (the template name; differs from
         the read name only for a tied head read from the embeddings).
+    layer: the output layer this tensor belongs to (None before and after the layers).
     """
 
     out_name: str
@@ -45,35 +42,7 @@ class TensorTask:
     slice_index: int | None = None
     origins: tuple[int | None, ...] = ()
     param_names: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A model's tensor names split into non-layer tensors and layers (index -> suffixes, in file order)."""
-
-    names: frozenset[str]
-    outer: tuple[str, ...]
-    prefix: str | None
-    layers: dict[int, tuple[str, ...]]
-
-    @staticmethod
-    def of(names: list[str]) -> "_Layout":
-        outer, layers, prefix = [], {}, None
-        for name in names:
-            if name.endswith(IGNORED_SUFFIXES):
-                continue
-            m = LAYER_RE.match(name)
-            if m is None:
-                outer.append(name)
-                continue
-            prefix = prefix or m["prefix"]
-            layers.setdefault(int(m["index"]), []).append(m["rest"])
-        return _Layout(frozenset(names), tuple(outer), prefix, {i: tuple(v) for i, v in layers.items()})
-
-
-def _is_pre_layer(name: str) -> bool:
-    """Embeddings come before the layers; every other non-layer tensor (final norm, head) after them."""
-    return "embed" in name or "wte" in name or "wpe" in name
+    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,77 +96,109 @@ def _groups(cfg: MergeConfig, method: MergeMethod, num_layers: dict[str, int]) -
     return groups
 
 
-def plan_merge(cfg: MergeConfig, tensor_names: dict[str, list[str]], num_layers: dict[str, int]
+def plan_merge(cfg: MergeConfig, tensor_names: dict[str, list[str]], num_layers: dict[str, int],
+               architecture: Architecture | None = None, configs: dict[str, dict] | None = None
                ) -> list[TensorTask]:
-    """Every output tensor of the merge, in output order: embeddings, layers (renumbered across slices), the rest.
+    """Every output tensor of the merge, in output order: before the layers, layers (renumbered across slices), after.
 
-    tensor_names / num_layers: per model reference as written in the config. Embeddings come from the first
-    slice's models, the final norm and head from the last's (as mergekit's planner). A head missing from some
-    models (tied embeddings) is read from their embeddings; missing from all, it is not planned (mergekit
-    skips it too). Raises MergeConfigError for missing tensors, bad layer ranges and unresolvable parameters.
+    Which tensors exist, in which layer, is the architecture table's (`architecture`, the models' shared entry;
+    guessed from the first model's tensor names when not given). tensor_names / num_layers / configs: per model
+    reference as written in the config (names as the sources list them, i.e. under the table's names; configs for
+    tables whose layers depend on the config). Tensors before the layers come from the first slice's models, those
+    after from the last's (as mergekit's planner). An optional tensor no model has is not planned; a head missing
+    from some models is read from their embeddings (its tied names). Raises MergeConfigError for missing tensors,
+    bad layer ranges and unresolvable parameters.
     """
     method = get_method(cfg.merge_method)
-    layouts = {}
+    names: dict[str, frozenset[str]] = {}
     for ref in cfg.referenced_models():
         if ref not in tensor_names:
             raise MergeConfigError(f"no tensor list for model {ref!r}", "models")
-        layouts[ref] = _Layout.of(tensor_names[ref])
+        names[ref] = frozenset(tensor_names[ref])
+    arch = architecture or guess_architecture(names[cfg.referenced_models()[0]])
     groups = _groups(cfg, method, num_layers)
+    model_configs = {ref: _with_layers(arch, (configs or {}).get(ref, {}), num_layers.get(ref)) for ref in names}
+    out_ref = cfg.base_model if cfg.base_model in names else cfg.referenced_models()[0]
+    out_layers = sum(g.length for g in groups)
+    out_config = _with_layers(arch, model_configs[out_ref], out_layers, force=True)
 
     first, last = groups[0], groups[-1]
     # mergekit pairs the last slice's models with as many template entries as the first slice has sources
     last = _Group(last.slice_index, last.sources[:len(first.sources)], last.length, last.base_index)
-    tasks = _outer_tasks(first, layouts, pre=True)
+    tasks = []
+    for weight in arch.pre_weights(out_config):
+        tasks += _plan_weight(weight, [weight] * len(first.sources), first, names, 0.0, None)
     out_layer = 0
     for group in groups:
         for offset in range(group.length):
             t = offset / (group.length - 1) if group.length > 1 else 1.0
-            tasks += _layer_tasks(group, layouts, offset, out_layer, t)
+            out_weights = arch.layer_weights(out_config, out_layer)
+            in_weights = [arch.layer_weights(model_configs[s.ref], s.start + offset) for s in group.sources]
+            for s, weights in zip(group.sources, in_weights):
+                if len(weights) != len(out_weights):
+                    raise MergeConfigError(f"layer {s.start + offset} of {s.ref} has other tensors than output "
+                                           f"layer {out_layer}", s.field)
+            for k, weight in enumerate(out_weights):
+                tasks += _plan_weight(weight, [w[k] for w in in_weights], group, names, t, out_layer)
             out_layer += 1
-    tasks += _outer_tasks(last, layouts, pre=False)
+    for weight in arch.post_weights(out_config):
+        tasks += _plan_weight(weight, [weight] * len(last.sources), last, names, 0.0, None)
     for task in tasks:
         _check_params(cfg, method, task)
     return tasks
 
 
-def _outer_tasks(group: _Group, layouts: dict[str, _Layout], pre: bool) -> list[TensorTask]:
-    names = dict.fromkeys(n for s in group.sources for n in layouts[s.ref].outer if _is_pre_layer(n) == pre)
-    tasks = []
-    for name in names:
-        reads = []
-        for s in group.sources:
-            if name in layouts[s.ref].names:
-                reads.append(name)
-            elif name in TIED and TIED[name] in layouts[s.ref].names:
-                reads.append(TIED[name])
-            else:
-                raise MergeConfigError(f"model {s.ref!r} has no tensor {name!r}", s.field)
-        tasks.append(TensorTask(name, tuple((s.ref, r) for s, r in zip(group.sources, reads)), group.base_index,
-                                0.0, group.slice_index, tuple(s.origin for s in group.sources),
-                                (name,) * len(group.sources)))
-    return tasks
+def _with_layers(arch: Architecture, config: dict, layers: int | None, force: bool = False) -> dict:
+    """`config` with its layer count set (when it has none, or with `force`) under the architecture's key."""
+    out = dict(config)
+    if layers is not None and (force or not any(k in out for k in (arch.layers_key, "num_hidden_layers", "n_layer"))):
+        out[layer_count_key(arch, out)] = layers
+    return out
 
 
-def _layer_tasks(group: _Group, layouts: dict[str, _Layout], offset: int, out_layer: int, t: float
-                 ) -> list[TensorTask]:
-    lead = group.sources[0]
-    lead_layout = layouts[lead.ref]
-    index = lead.start + offset
-    if index not in lead_layout.layers:
-        raise MergeConfigError(f"model {lead.ref!r} has no tensors for layer {index}", lead.field)
-    tasks = []
-    for rest in lead_layout.layers[index]:
-        reads = []
-        for s in group.sources:
-            layout = layouts[s.ref]
-            name = f"{layout.prefix}.{s.start + offset}.{rest}"
-            if name not in layout.names:
-                raise MergeConfigError(f"model {s.ref!r} has no tensor {name!r}", s.field)
-            reads.append(name)
-        tasks.append(TensorTask(f"{lead_layout.prefix}.{out_layer}.{rest}",
-                                tuple((s.ref, r) for s, r in zip(group.sources, reads)), group.base_index, t,
-                                group.slice_index, tuple(s.origin for s in group.sources), tuple(reads)))
-    return tasks
+def layer_count_key(arch: Architecture | None, config: dict) -> str:
+    """The key of `config` that holds its layer count (the architecture's, or the one the config uses)."""
+    keys = ((arch.layers_key,) if arch is not None else ()) + ("num_hidden_layers", "n_layer")
+    return next((k for k in keys if k in config), keys[0])
+
+
+def output_layers(plan: list[TensorTask]) -> int | None:
+    """The number of layers of the merged model (None for a plan without layers)."""
+    layers = [t.layer for t in plan if t.layer is not None]
+    return max(layers) + 1 if layers else None
+
+
+def _plan_weight(out: Weight, inputs: list[Weight], group: _Group, names: dict[str, frozenset[str]], t: float,
+                 layer: int | None) -> list[TensorTask]:
+    """The task for one output tensor (none for an optional tensor no model has): which tensor each source reads."""
+    present = [w.name in names[s.ref] for s, w in zip(group.sources, inputs)]
+    if out.optional and not any(present):
+        return []
+    reads = []
+    for s, w, here in zip(group.sources, inputs, present):
+        if here:
+            reads.append(w.name)
+            continue
+        tied = next((n for n in w.tied if n in names[s.ref]), None)
+        if tied is None:
+            holder = next((o.ref for o, p in zip(group.sources, present) if p), None)
+            raise MergeConfigError(f"model {s.ref!r} has no tensor {w.name!r}"
+                                   + (f" (present in {holder})" if holder is not None else ""), s.field)
+        reads.append(tied)
+    return [TensorTask(out.name, tuple((s.ref, r) for s, r in zip(group.sources, reads)), group.base_index, t,
+                       group.slice_index, tuple(s.origin for s in group.sources), tuple(w.name for w in inputs),
+                       layer)]
+
+
+def plan_sources(cfg: MergeConfig, sources: dict) -> list[TensorTask]:
+    """Check that the opened sources (reference -> ModelSource) agree, then plan the merge from their table entry."""
+    from merge_core.sources import check_compatible
+
+    check_compatible(sources, same_layers=not cfg.slices)
+    lead = sources[cfg.base_model] if cfg.base_model in sources else next(iter(sources.values()))
+    return plan_merge(cfg, {ref: s.tensor_names for ref, s in sources.items()},
+                      {ref: s.num_layers for ref, s in sources.items()}, architecture=lead.require_arch(),
+                      configs={ref: s.config for ref, s in sources.items()})
 
 
 # ---- parameters ------------------------------------------------------------------------------------
@@ -295,6 +296,11 @@ def merge_one(task: TensorTask, inputs: TensorInputs, cfg: MergeConfig, method: 
     With seed None a random method draws a fresh seed.
     """
     params, model_params = resolve_tensor_params(cfg, method, task)
+    low_rank = getattr(inputs, "merge_low_rank", None)      # LoRA sources kept low-rank (merge_core.lora)
+    if low_rank is not None:
+        merged = low_rank(method, params, model_params)
+        if merged is not None:
+            return merged
     generator = None
     if method.random:
         generator = torch.Generator(device=inputs.device)

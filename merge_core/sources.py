@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from merge_core.architectures import Architecture, Weight, find_architecture, require_architecture
 from merge_core.errors import MergeConfigError
 
 log = logging.getLogger(__name__)
 
-LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
@@ -46,17 +46,33 @@ class TensorMeta:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """How a checkpoint stores one tensor of the architecture table: under another name (an alias), or as
+    per-expert tensors to fuse (`parts[k][e]`: part k of expert e; stacked over e, parts concatenated on axis 1)."""
+
+    alias: str | None = None
+    parts: tuple[tuple[str, ...], ...] = ()
+
+
 class ModelSource:
-    """One local model folder: its config.json, a tensor index across shards, and lazy tensor reads."""
+    """One local model folder: its config.json, a tensor index across shards, and lazy tensor reads.
+
+    When the architecture is in the table (`arch`), tensors are seen under the table's names: a tensor stored under
+    an alias (GPT-2 without `transformer.`), or per expert where transformers v5 fuses the experts (Mixtral,
+    Qwen3-MoE), is listed (`meta`) and read under the table's name. Stored tensors the table does not name are
+    listed as they are and never merged.
+    """
 
     def __init__(self, path: Path | str, ref: str | None = None, allow_pickle: bool = False):
         self.path = Path(path)
         self.ref = ref or str(path)
         where = f"model {self.ref}"
         if not self.path.is_dir():
-            raise MergeConfigError(
-                f"model folder not found at {self.path} (mergesearch reads local folders only, never downloads)",
-                where)
+            from merge_core.hub import not_found_hint
+
+            name = self.ref.partition("+")[0].partition("@")[0]
+            raise MergeConfigError(f"model folder not found at {self.path}{not_found_hint(name)}", where)
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise MergeConfigError(f"no config.json in {self.path}", where)
@@ -66,7 +82,53 @@ class ModelSource:
             raise MergeConfigError(f"unreadable config.json: {err}", where) from None
         self._handles: dict[Path, object] = {}
         self.pickle = False
-        self.weight_map, self.meta = self._index(allow_pickle)
+        self.weight_map, self.stored_meta = self._index(allow_pickle)
+        self.arch: Architecture | None = find_architecture(self.config)
+        self._stored: dict[str, _Stored] = {}
+        self.claimed: frozenset[str] = frozenset()
+        self.meta: dict[str, TensorMeta] = dict(self.stored_meta)
+        if self.arch is not None:
+            self._map_to_table()
+
+    # ---- the table's view ------------------------------------------------------------------------
+    def _map_to_table(self) -> None:
+        """Find each tensor of the table in the checkpoint: as named, under an alias, or as per-expert tensors."""
+        stored = self.stored_meta
+        claimed: dict[str, TensorMeta] = {}
+        consumed: set[str] = set()
+        for weight in self.arch.all_weights(self.config):
+            if weight.name in stored:
+                claimed[weight.name] = stored[weight.name]
+                consumed.add(weight.name)
+                continue
+            alias = next((a for a in weight.aliases if a in stored), None)
+            if alias is not None:
+                self._stored[weight.name] = _Stored(alias=alias)
+                claimed[weight.name] = stored[alias]
+                consumed.add(alias)
+                continue
+            for way in weight.experts:
+                parts = _expert_parts(way, stored)
+                if parts:
+                    self._stored[weight.name] = _Stored(parts=parts)
+                    claimed[weight.name] = self._fused_meta(weight.name, parts)
+                    consumed.update(n for part in parts for n in part)
+                    break
+        self.claimed = frozenset(claimed)
+        self.meta = {**claimed, **{n: m for n, m in stored.items() if n not in consumed}}
+
+    def _fused_meta(self, name: str, parts: tuple[tuple[str, ...], ...]) -> TensorMeta:
+        metas = [self.stored_meta[n] for part in parts for n in part]
+        first = metas[0]
+        if any(m.shape != first.shape or m.dtype != first.dtype for m in metas):
+            raise MergeConfigError(f"the per-expert tensors of {name!r} differ in shape or dtype",
+                                   f"model {self.ref}")
+        rows = first.shape[0] * len(parts) if first.shape else len(parts)
+        return TensorMeta((len(parts[0]), rows, *first.shape[1:]), first.dtype)
+
+    def require_arch(self) -> Architecture:
+        """The table's entry for this model, or a one-line error naming its architecture and the known ones."""
+        return self.arch or require_architecture(self.config, f"model {self.ref}")
 
     # ---- index -------------------------------------------------------------------------------
     def _index(self, allow_pickle: bool) -> tuple[dict[str, Path], dict[str, TensorMeta]]:
@@ -157,8 +219,10 @@ class ModelSource:
 
     @property
     def num_layers(self) -> int:
-        found = {int(m.group(1)) for n in self.meta if (m := LAYER_RE.search(n))}
-        return max(found) + 1 if found else int(self.config.get("num_hidden_layers", 0))
+        """The layer count its config declares (under the architecture's key: `n_layer` for GPT-2)."""
+        if self.arch is not None:
+            return self.arch.num_layers(self.config)
+        return int(self.config.get("num_hidden_layers", 0))
 
     @property
     def vocab_size(self) -> int | None:
@@ -169,7 +233,7 @@ class ModelSource:
         return bool(self.config.get("tie_word_embeddings", False))
 
     def nbytes(self) -> int:
-        return sum(_numel(m.shape) * _itemsize(m.dtype) for m in self.meta.values())
+        return sum(_numel(m.shape) * _itemsize(m.dtype) for m in self.stored_meta.values())
 
     # ---- reads -------------------------------------------------------------------------------
     def read(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -177,19 +241,42 @@ class ModelSource:
         """Read one tensor (cast to dtype, moved to device)."""
         if name not in self.meta:
             raise MergeConfigError(f"tensor {name!r} is missing", f"model {self.ref}")
-        if self.pickle:
-            tensor = self._pickled[name]
+        how = self._stored.get(name)
+        if how is None:
+            tensor = self._read_stored(name)
+        elif how.alias is not None:
+            tensor = self._read_stored(how.alias)
         else:
-            try:
-                tensor = self._open(self.weight_map[name]).get_tensor(name)
-            except Exception as err:  # noqa: BLE001
-                raise MergeConfigError(f"cannot read tensor {name!r} from {self.weight_map[name].name}: {err}",
-                                       f"model {self.ref}") from None
+            tensor = fuse_experts([[self._read_stored(n) for n in part] for part in how.parts])
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         if device is not None:
             tensor = tensor.to(device)
         return tensor
+
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        if self.pickle:
+            return self._pickled[name]
+        try:
+            return self._open(self.weight_map[name]).get_tensor(name)
+        except Exception as err:  # noqa: BLE001
+            raise MergeConfigError(f"cannot read tensor {name!r} from {self.weight_map[name].name}: {err}",
+                                   f"model {self.ref}") from None
+
+
+def _expert_parts(way: tuple[str, ...], stored) -> tuple[tuple[str, ...], ...]:
+    """Per part template (with `{e}`), the stored names of experts 0, 1, ... as long as every part has one."""
+    count = 0
+    while all(p.replace("{e}", str(count)) in stored for p in way):
+        count += 1
+    return tuple(tuple(p.replace("{e}", str(e)) for e in range(count)) for p in way) if count else ()
+
+
+def fuse_experts(parts: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Per-expert tensors as transformers v5 fuses them: each part stacked over the experts, parts joined on axis 1."""
+    stacked = [torch.stack(p) for p in parts]
+    return stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=1)
 
 
 def _safetensors_dtype(code: str, file: Path) -> torch.dtype:
@@ -210,6 +297,31 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def open_models(config, allow_pickle: bool = False) -> dict[str, ModelSource]:
+    """Open every model a MergeConfig references (keyed by the reference as written): local folders, Hub ids from
+    the local cache, and LoRA adapters (BASE+ADAPTER, or an adapter folder) applied to their base. A base folder
+    used by several references is opened once."""
+    from merge_core.config import ModelRef
+    from merge_core.lora import AdapterSource
+
+    opened: dict[Path, ModelSource] = {}
+    out: dict[str, ModelSource] = {}
+    refs = config.referenced_models()
+    resolved = {ref: config.resolve_ref(ref) for ref in refs}
+    for ref in sorted(refs, key=lambda r: resolved[r].adapter is not None):   # plain references first
+        where = resolved[ref]
+        key = where.model.resolve() if where.model.exists() else where.model
+        if where.adapter is None:
+            out[ref] = ModelSource(where.model, ref=ref, allow_pickle=allow_pickle)
+            opened.setdefault(key, out[ref])
+            continue
+        base = opened.get(key)
+        if base is None:
+            base = opened[key] = ModelSource(where.model, ref=ModelRef.parse(ref).model, allow_pickle=allow_pickle)
+        out[ref] = AdapterSource(base, where.adapter, ref, allow_pickle)
+    return {ref: out[ref] for ref in refs}
 
 
 def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) -> None:
@@ -243,8 +355,7 @@ def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) 
 def _reference(sources: dict[str, ModelSource]) -> ModelSource:
     """The source whose (architecture, vocab, tensor names and shapes) most sources share."""
     def key(s: ModelSource):
-        return (s.architecture, s.vocab_size,
-                frozenset((n, m.shape) for n, m in s.meta.items() if n not in _tied_head(s) and n != "lm_head.weight"))
+        return (s.architecture, s.vocab_size, frozenset((n, m.shape) for n, m in _comparable(s).items()))
 
     keys = [key(s) for s in sources.values()]
     counts = {k: keys.count(k) for k in keys}
@@ -254,23 +365,27 @@ def _reference(sources: dict[str, ModelSource]) -> ModelSource:
 
 def _check_tensor_sets(first: ModelSource, other: ModelSource) -> None:
     where = f"model {other.ref}"
-    names_a = set(first.meta) - _tied_head(first)
-    names_b = set(other.meta) - _tied_head(other)
-    for name in sorted(names_a - names_b):
-        if name == "lm_head.weight" and other.tied_embeddings:
-            continue
+    names_a, names_b = _comparable(first), _comparable(other)
+    for name in sorted(names_a.keys() - names_b.keys()):
         raise MergeConfigError(f"tensor {name!r} is missing (present in {first.ref})", where)
-    for name in sorted(names_b - names_a):
-        if name == "lm_head.weight" and first.tied_embeddings:
-            continue
+    for name in sorted(names_b.keys() - names_a.keys()):
         raise MergeConfigError(f"has extra tensor {name!r} (absent in {first.ref})", where)
-    for name in sorted(names_a & names_b):
-        if first.meta[name].shape != other.meta[name].shape:
-            raise MergeConfigError(
-                f"tensor {name!r} has shape {list(other.meta[name].shape)}, {first.ref} has "
-                f"{list(first.meta[name].shape)}", where)
+    for name in sorted((names_a.keys() & names_b.keys()) | (_tied_heads(first) & _tied_heads(other))):
+        a, b = first.meta.get(name), other.meta.get(name)
+        if a is not None and b is not None and a.shape != b.shape:
+            raise MergeConfigError(f"tensor {name!r} has shape {list(b.shape)}, {first.ref} has {list(a.shape)}",
+                                   where)
 
 
-def _tied_head(source: ModelSource) -> set[str]:
-    """lm_head.weight stored in a tied-embedding checkpoint is a duplicate; ignore it for set checks."""
-    return {"lm_head.weight"} if source.tied_embeddings and "lm_head.weight" in source.meta else set()
+def _comparable(source: ModelSource) -> dict[str, TensorMeta]:
+    """The tensors a merge reads, but heads that a tied checkpoint may leave out (the planner checks those)."""
+    names = source.claimed if source.arch is not None else source.meta.keys()
+    heads = _tied_heads(source)
+    return {n: source.meta[n] for n in names if n not in heads}
+
+
+def _tied_heads(source: ModelSource) -> set[str]:
+    """Tensors that may be left out of a checkpoint and read from the embeddings instead (lm_head.weight, ...)."""
+    if source.arch is None:
+        return {"lm_head.weight"}
+    return {w.name for w in source.arch.post_weights(source.config) if w.tied}

@@ -70,7 +70,10 @@ class SearchSpace:
         except (OSError, json.JSONDecodeError) as err:
             raise StudyError(f"cannot read config.json of model {ref}: {err}",
                              f"{self.study.path.name}: merge") from None
-        return int(config.get("num_hidden_layers", 1))
+        from merge_core.architectures import find_architecture
+
+        arch = find_architecture(config)       # the layer count under the architecture's key (n_layer: GPT-2)
+        return arch.num_layers(config) if arch is not None else int(config.get("num_hidden_layers", 1))
 
     def _genes(self) -> list[Gene]:
         where = f"{self.study.path.name}: space.params"

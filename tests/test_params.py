@@ -76,11 +76,11 @@ def test_resolve_param_chain_and_defaults():
 
 
 def _fake_model(layers: int) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    for i in range(layers):
-        names += [f"model.layers.{i}.{s}" for s in ("input_layernorm.weight", "self_attn.q_proj.weight",
-                                                     "mlp.up_proj.weight")]
-    return names
+    """The tensor names of a Llama with `layers` layers, as the architecture table lists them."""
+    from merge_core.architectures import find_architecture
+
+    llama = find_architecture({"architectures": ["LlamaForCausalLM"]})
+    return [w.name for w in llama.all_weights({"num_hidden_layers": layers})]
 
 
 def test_fallback_chain_source_slice_top_default_in_a_sliced_config():
