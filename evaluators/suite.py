@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from evaluators import EvalError
+from evaluators.native import make_scorer
 from evaluators.tasks import SPLITS, EvaluationConfig, TaskSpec, check_unique_names, load_items, select_split
 
 log = logging.getLogger(__name__)
@@ -144,14 +147,12 @@ class Suite:
         started = time.perf_counter()
         if spec.kind == "lm_eval":
             if self._bridge is None:
-                from evaluators.lm_eval_adapter import LmEvalBridge
+                from evaluators.lm_eval_adapter import LmEvalBridge   # lm-eval: seconds to import; only for its tasks
 
                 self._bridge = LmEvalBridge(tokenizer, batch_size=batch_size, autocast=autocast)
             scorer = self._bridge.load(spec)
             ids, metric = scorer.ids, scorer.metric
         else:
-            from evaluators.native import make_scorer
-
             items = load_items(spec)
             held = load_items(spec, spec.holdout_path) if spec.holdout_path is not None else []
             both = {item.id for item in items} & {item.id for item in held}
@@ -256,8 +257,6 @@ class Suite:
         """Evaluators never move the live model: a suite built for one device refuses a model on another."""
         if self.device in (None, "auto"):
             return
-        import torch
-
         actual, wanted = next(model.parameters()).device, torch.device(self.device)
         if actual.type != wanted.type or (wanted.index is not None and actual.index != wanted.index):
             raise EvalError(f"the model is on {actual} but the suite was built for {self.device}", "device")

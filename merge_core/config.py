@@ -5,16 +5,19 @@ Knows the methods only through their declared parameters and model counts; it re
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
 from merge_core.errors import MergeConfigError
+from merge_core.hub import cached_snapshot, find_hub, is_hub_id, not_found_hint
 from merge_core.methods import MergeMethod, Param, get_method
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,30 @@ class MergeConfig:
     def resolve_ref(self, ref: str) -> "ResolvedRef":
         """Model reference `ref` as folders: the model, and the LoRA adapter applied to it (None without one)."""
         return resolve_ref(ref, self.base_dir)
+
+    @cached_property
+    def structure(self) -> str:
+        """Everything of the config but its parameter values (method, models, slices, dtypes, tokenizer), as one
+        string: what an engine's resident inputs depend on. Computed once per config; `with_parameters` carries
+        it to the configs it makes."""
+        def strip(node):
+            if isinstance(node, dict):
+                return {k: strip(v) for k, v in node.items() if k != "parameters"}
+            if isinstance(node, list):
+                return [strip(v) for v in node]
+            return node
+
+        return json.dumps(strip(config_to_dict(self)), sort_keys=True)
+
+    def with_parameters(self, parameters: Parameters, model_parameters: list[Parameters]) -> MergeConfig:
+        """The same merge (a `models:` config) with other parameter values: top level and per model, in order.
+        The values are taken as valid (a search space checked their ranges once)."""
+        if len(model_parameters) != len(self.models):
+            raise ValueError("one parameter mapping per model")
+        models = tuple(replace(m, parameters=p) for m, p in zip(self.models, model_parameters))
+        changed = replace(self, parameters=parameters, models=models)
+        changed.__dict__["structure"] = self.structure
+        return changed
 
     def referenced_models(self) -> list[str]:
         """Every model reference, each once, in order of first appearance (base model last if not listed)."""
@@ -475,8 +502,6 @@ def resolve_ref(ref: str, base_dir: Path | None) -> ResolvedRef:
 def _resolve_part(name: str, revision: str | None, base_dir: Path | None, kind: str, where: str) -> Path:
     """A local path when it exists, else a Hub id's cached (or, when allowed, downloaded) snapshot, else the local
     path (the caller's 'not found' error names both places)."""
-    from merge_core.hub import find_hub, is_hub_id
-
     full = name if revision is None else f"{name}@{revision}"
     local = resolve_path(full, base_dir)
     if local.exists():
@@ -494,8 +519,6 @@ def _resolve_part(name: str, revision: str | None, base_dir: Path | None, kind: 
 def _adapter_base(adapter: Path, base_dir: Path | None, where: str) -> Path:
     """The base model of an adapter folder: its adapter_config.json's base_model_name_or_path (a path, relative to
     the YAML's folder or to the adapter's parent, or a Hub id)."""
-    import json
-
     try:
         base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as err:
@@ -503,8 +526,6 @@ def _adapter_base(adapter: Path, base_dir: Path | None, where: str) -> Path:
     if not base:
         raise MergeConfigError("adapter_config.json names no base model (base_model_name_or_path); write the "
                                "reference as BASE+ADAPTER", where)
-    from merge_core.hub import not_found_hint
-
     for candidate in (resolve_path(base, base_dir), adapter.parent / base):
         if candidate.is_dir():
             return candidate
@@ -620,8 +641,6 @@ def config_to_dict(cfg: MergeConfig, absolute_paths: bool = False) -> dict[str, 
 
 def _absolute_ref(ref: str, base_dir: Path | None) -> str:
     """A model reference with its local parts made absolute (Hub ids, revisions and '+' kept)."""
-    from merge_core.hub import cached_snapshot, is_hub_id
-
     def part(name: str, revision: str | None, kind: str) -> str:
         full = name if revision is None else f"{name}@{revision}"
         local = resolve_path(full, base_dir)

@@ -23,83 +23,19 @@ from pathlib import Path
 
 import torch
 
-from merge_core.config import MergeConfig, config_to_dict
+from merge_core.config import MergeConfig
 from merge_core.errors import MergeConfigError
 from merge_core.lora import build_inputs
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import (TensorTask, layer_count_key, merge_one, one_thread_per_op, output_layers,
-                             plan_sources)
-from merge_core.sources import ModelSource, check_compatible, open_models, torch_dtype
+from merge_core.plan import TensorTask, merge_one, one_thread_per_op
+from merge_core.prepare import build_model, load_tokenizer, pick_device, prepare, stored_float_dtype
+from merge_core.sources import ModelSource, check_compatible, torch_dtype
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteMerge(RuntimeError):
     """A candidate produced NaN or inf weights (a numerical fault of the recipe, not a user error)."""
-
-
-def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """auto -> cuda when available, else cpu; anything else as torch understands it."""
-    if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise MergeConfigError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:i)", "--device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeConfigError("CUDA was requested but no GPU is available", "--device")
-    return device
-
-
-def open_sources(config: MergeConfig, allow_pickle: bool = False) -> dict[str, ModelSource]:
-    """Open every model the config references (base first), keyed by the reference as written."""
-    return open_models(config, allow_pickle)
-
-
-def plan_for(config: MergeConfig, sources: dict[str, ModelSource]) -> list[TensorTask]:
-    """Check the sources agree, then plan the output tensors."""
-    return plan_sources(config, sources)
-
-
-def output_model_config(config: MergeConfig, sources: dict[str, ModelSource], plan: list[TensorTask],
-                        out_dtype: torch.dtype) -> dict:
-    """config.json of the merged model: the base (or first) model's, with the output layer count and dtype."""
-    first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
-    out = dict(first.config)
-    layers = output_layers(plan)
-    if layers is not None:
-        out[layer_count_key(first.arch, out)] = layers
-    if out.get("tie_word_embeddings") and any(t.out_name == "lm_head.weight" for t in plan):
-        out["tie_word_embeddings"] = False   # a tied base merged with untied models gets its own head
-    out["torch_dtype"] = str(out_dtype).removeprefix("torch.")
-    out["dtype"] = out["torch_dtype"]
-    return out
-
-
-def compute_dtype(config: MergeConfig, sources: dict[str, ModelSource]) -> torch.dtype:
-    """The config's dtype, else (as mergekit) the promoted stored dtype of the sources' float tensors."""
-    return torch_dtype(config.dtype, "dtype") or stored_float_dtype(sources.values())
-
-
-def stored_float_dtype(sources) -> torch.dtype:
-    """The promoted dtype of the float tensors stored in `sources` (float32 when there are none)."""
-    found = {m.dtype for s in sources for m in s.meta.values() if m.dtype.is_floating_point}
-    dtype = found.pop() if found else torch.float32
-    for other in found:
-        dtype = torch.promote_types(dtype, other)
-    return dtype
-
-
-def structure_of(config: MergeConfig) -> dict:
-    """Everything of a config but its parameter values: what the resident inputs depend on."""
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k != "parameters"}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    return strip(config_to_dict(config))
 
 
 @dataclass
@@ -118,17 +54,15 @@ class MergeEngine:
     def __init__(self, config: MergeConfig, device: str | torch.device = "auto", *, offload: bool = False,
                  allow_pickle: bool = False, seed: int = 0):
         self.config = config
-        self.device = pick_device(device)
+        self.prepared = prepare(config, device, allow_pickle)
+        self.device = self.prepared.device
         self.offload = offload and self.device.type != "cpu"
         self.seed = seed
         self.method = get_method(config.merge_method)
-        self.sources = open_sources(config, allow_pickle)
-        self.plan = plan_for(config, self.sources)
-        self.compute_dtype = compute_dtype(config, self.sources)
-        self.out_dtype = torch_dtype(config.out_dtype, "out_dtype") or self.compute_dtype
-        self._structure = structure_of(config)
+        self.sources, self.plan = self.prepared.sources, self.prepared.plan
+        self.compute_dtype, self.out_dtype = self.prepared.compute_dtype, self.prepared.out_dtype
         t0 = time.perf_counter()
-        self.model = self._build_model()
+        self.model = build_model(self.prepared.model_config(), self.device, self.out_dtype)
         self._targets = self._bind_targets()
         self._inputs = self._load_inputs()
         self._tokenizer = None
@@ -137,25 +71,6 @@ class MergeEngine:
                  self.resident_bytes() / 1e6, time.perf_counter() - t0)
 
     # ---- set-up (once) -----------------------------------------------------------------------
-    def _build_model(self):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        cfg_dict = output_model_config(self.config, self.sources, self.plan, self.out_dtype)
-        model_type = cfg_dict.get("model_type")
-        try:
-            hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items()
-                                                           if k != "model_type"})
-        except (ValueError, KeyError) as err:
-            raise MergeConfigError(f"unsupported model_type {model_type!r}: {err}", "config.json") from None
-        with torch.device(self.device), no_init_weights():
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.out_dtype, trust_remote_code=False)
-        if getattr(hf_config, "tie_word_embeddings", False):
-            model.tie_weights()
-        model.eval()
-        model.requires_grad_(False)
-        return model
-
     def _bind_targets(self) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))   # merged buffers (GLM-4-MoE's bias)
@@ -211,7 +126,7 @@ class MergeEngine:
         once as torch has threads.
         """
         config = config or self.config
-        if structure_of(config) != self._structure:
+        if config.structure != self.config.structure:
             raise MergeConfigError("this engine was built for a different merge (method, models, slices or "
                                    "dtypes changed); build a new engine", "config")
         seed = self.seed if seed is None else seed
@@ -260,30 +175,10 @@ class MergeEngine:
         return self._tokenizer
 
     def tokenizer_source(self) -> Path:
-        return tokenizer_source_path(self.config, self.sources)
+        return self.prepared.tokenizer_folder()
 
     def resident_bytes(self) -> int:
         return sum(i.resident_bytes() for i in self._inputs)
-
-
-def load_tokenizer(folder: Path):
-    """The tokenizer saved in `folder` (never running code from it); MergeConfigError if there is none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise MergeConfigError(f"cannot load a tokenizer from {folder}: {err}", "tokenizer_source") from None
-
-
-def tokenizer_source_path(config: MergeConfig, sources: dict[str, ModelSource]) -> Path:
-    """Folder whose tokenizer the merged model uses: tokenizer_source (a model or 'base'), else base, else first."""
-    ts = config.tokenizer_source
-    if ts and ts not in ("base", "union"):
-        return config.resolve_model(ts)
-    if config.base_model:
-        return sources[config.base_model].path
-    return next(iter(sources.values())).path
 
 
 class SoupEngine:
@@ -304,7 +199,7 @@ class SoupEngine:
         first = self.sources[0]
         self.out_dtype = torch_dtype(dtype, "dtype") or stored_float_dtype(self.sources)
         self.names = [n for n in first.tensor_names if not (n == "lm_head.weight" and first.tied_embeddings)]
-        self.model = self._build_model(first)
+        self.model = build_model(first.config, self.device, self.out_dtype)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         unknown = [n for n in self.names if n not in params]
         if unknown:
@@ -313,18 +208,6 @@ class SoupEngine:
         self._sum: dict[str, torch.Tensor] | None = None
         self.kept: list[int] = []
         self._tokenizer = None
-
-    def _build_model(self, first: ModelSource):
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        cfg = dict(first.config)
-        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        with torch.device(self.device), no_init_weights():
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.out_dtype, trust_remote_code=False)
-        if getattr(hf_config, "tie_word_embeddings", False):
-            model.tie_weights()
-        return model.eval().requires_grad_(False)
 
     def _read(self, i: int, name: str) -> torch.Tensor:
         return self.sources[i].read(name, torch.float32, self.device)

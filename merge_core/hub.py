@@ -88,7 +88,7 @@ def not_found_hint(name: str) -> str:
 
 def _download(repo_id: str, revision: str | None, kind: str, where: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download   # only when a download is allowed and needed
 
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
                                         cache_dir=str(hub_cache())))

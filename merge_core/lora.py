@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from merge_core.errors import MergeConfigError
+from merge_core.hub import not_found_hint
 from merge_core.methods.base import MergeMethod, TensorInputs
 from merge_core.sources import ModelSource
 
@@ -65,8 +68,6 @@ class Adapter:
     def _config(self) -> dict:
         path = self.folder / "adapter_config.json"
         if not self.folder.is_dir():
-            from merge_core.hub import not_found_hint
-
             name = self.where.removeprefix("model ").partition("+")[2].partition("@")[0]
             raise MergeConfigError(f"adapter folder not found at {self.folder}{not_found_hint(name)}", self.where)
         if not path.is_file():
@@ -88,8 +89,6 @@ class Adapter:
     def _tensors(self, allow_pickle: bool) -> dict[str, torch.Tensor]:
         st = self.folder / "adapter_model.safetensors"
         if st.is_file():
-            from safetensors.torch import load_file
-
             try:
                 return load_file(str(st))
             except Exception as err:  # noqa: BLE001
@@ -138,8 +137,6 @@ class Adapter:
     def _rank_alpha(self, module: str) -> tuple[int, float]:
         """r and lora_alpha of a module, after rank_pattern / alpha_pattern (PEFT's matching: the key is a suffix of
         the module name on a dot boundary, as a regex)."""
-        import re
-
         def pick(patterns: dict, default):
             for key, value in (patterns or {}).items():
                 if re.match(rf"(.*\.)?({key})$", module):
@@ -234,7 +231,7 @@ def dense_key(source: ModelSource, name: str) -> tuple:
 
 @lru_cache(maxsize=32)
 def _conv1d_modules_cached(config_json: str) -> frozenset[str]:
-    try:
+    try:   # transformers (~1 s to import) only for adapters on Conv1D models: `merge` starts without it
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.pytorch_utils import Conv1D
 

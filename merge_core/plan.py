@@ -18,7 +18,7 @@ from merge_core.config import MergeConfig, Parameters
 from merge_core.errors import MergeConfigError
 from merge_core.methods import MergeMethod, TensorInputs, get_method
 from merge_core.params import resolve_params
-from merge_core.sources import torch_dtype
+from merge_core.sources import check_compatible, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,6 @@ def _plan_weight(out: Weight, inputs: list[Weight], group: _Group, names: dict[s
 
 def plan_sources(cfg: MergeConfig, sources: dict) -> list[TensorTask]:
     """Check that the opened sources (reference -> ModelSource) agree, then plan the merge from their table entry."""
-    from merge_core.sources import check_compatible
-
     check_compatible(sources, same_layers=not cfg.slices)
     lead = sources[cfg.base_model] if cfg.base_model in sources else next(iter(sources.values()))
     return plan_merge(cfg, {ref: s.tensor_names for ref, s in sources.items()},

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from merge_core.architectures import Architecture, Weight, find_architecture, require_architecture
+from merge_core.architectures import Architecture, find_architecture, require_architecture
 from merge_core.errors import MergeConfigError
+from merge_core.hub import not_found_hint
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,6 @@ class ModelSource:
         self.ref = ref or str(path)
         where = f"model {self.ref}"
         if not self.path.is_dir():
-            from merge_core.hub import not_found_hint
-
             name = self.ref.partition("+")[0].partition("@")[0]
             raise MergeConfigError(f"model folder not found at {self.path}{not_found_hint(name)}", where)
         config_file = self.path / "config.json"
@@ -193,8 +193,6 @@ class ModelSource:
         return weight_map, meta
 
     def _open(self, file: Path):
-        from safetensors import safe_open
-
         if file not in self._handles:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt")
@@ -297,31 +295,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def open_models(config, allow_pickle: bool = False) -> dict[str, ModelSource]:
-    """Open every model a MergeConfig references (keyed by the reference as written): local folders, Hub ids from
-    the local cache, and LoRA adapters (BASE+ADAPTER, or an adapter folder) applied to their base. A base folder
-    used by several references is opened once."""
-    from merge_core.config import ModelRef
-    from merge_core.lora import AdapterSource
-
-    opened: dict[Path, ModelSource] = {}
-    out: dict[str, ModelSource] = {}
-    refs = config.referenced_models()
-    resolved = {ref: config.resolve_ref(ref) for ref in refs}
-    for ref in sorted(refs, key=lambda r: resolved[r].adapter is not None):   # plain references first
-        where = resolved[ref]
-        key = where.model.resolve() if where.model.exists() else where.model
-        if where.adapter is None:
-            out[ref] = ModelSource(where.model, ref=ref, allow_pickle=allow_pickle)
-            opened.setdefault(key, out[ref])
-            continue
-        base = opened.get(key)
-        if base is None:
-            base = opened[key] = ModelSource(where.model, ref=ModelRef.parse(ref).model, allow_pickle=allow_pickle)
-        out[ref] = AdapterSource(base, where.adapter, ref, allow_pickle)
-    return {ref: out[ref] for ref in refs}
 
 
 def check_compatible(sources: dict[str, ModelSource], same_layers: bool = True) -> None:

@@ -24,6 +24,7 @@ from merge_core.config import MergeConfig, dump_config
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
 from merge_core.plan import TensorTask, merge_one, one_thread_per_op
+from merge_core.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -299,35 +300,24 @@ def merge_to_folder(config: MergeConfig, out_dir: Path, *, device: str = "auto",
                     force: bool = False, card_extra: str = "",
                     progress: Callable[[int, int], None] | None = None) -> Path:
     """Merge `config` from disk to `out_dir`, streaming (the `mergesearch merge` path)."""
-    from merge_core.engine import (compute_dtype, open_sources, output_model_config, pick_device, plan_for,
-                                   tokenizer_source_path)
-    from merge_core.sources import torch_dtype
-
-    dev = pick_device(device)
-    sources = open_sources(config, allow_pickle)
-    tokenizer_folder = tokenizer_source_path(config, sources) if copy_tokenizer else None
-    check_output_folder(out_dir, [s.path for s in sources.values()] + [tokenizer_folder] * bool(tokenizer_folder),
-                        force)
-    plan = plan_for(config, sources)
-    compute = compute_dtype(config, sources)
-    out_dtype = torch_dtype(config.out_dtype, "out_dtype") or compute
+    prepared = prepare(config, device, allow_pickle)
+    tokenizer_folder = prepared.tokenizer_folder() if copy_tokenizer else None
+    check_output_folder(out_dir, prepared.input_folders(), force)
+    sources, plan, compute, out_dtype = prepared.sources, prepared.plan, prepared.compute_dtype, prepared.out_dtype
     specs = [TensorSpec(t.out_name, sources[t.sources[0][0]].meta[t.sources[0][1]].shape, out_dtype) for t in plan]
 
     def read(ref: str, name: str) -> torch.Tensor:
-        return sources[ref].read(name, compute, dev)
+        return sources[ref].read(name, compute, prepared.device)
 
     largest = max((math.prod(spec.shape) for spec in specs), default=0)
     tensors = streamed_tensors(plan, read, config, out_dtype, seed, prefetch=not lazy, out_numel=largest)
     tensors = _finite_only(tensors, out_dtype)
     if progress is not None:
         tensors = _counting(tensors, len(plan), progress)
-    first = sources[config.base_model] if config.base_model in sources else next(iter(sources.values()))
     return write_model_folder(
-        out_dir, specs, tensors,
-        model_config=output_model_config(config, sources, plan, out_dtype),
-        config_yaml=dump_config(config, absolute_paths=True), source_folder=first.path,
-        tokenizer_folder=tokenizer_folder,
-        max_shard_bytes=max_shard_bytes, card_extra=card_extra, force=force)
+        out_dir, specs, tensors, model_config=prepared.model_config(),
+        config_yaml=dump_config(config, absolute_paths=True), source_folder=prepared.lead.path,
+        tokenizer_folder=tokenizer_folder, max_shard_bytes=max_shard_bytes, card_extra=card_extra, force=force)
 
 
 def _finite_only(tensors: Iterator[tuple[str, torch.Tensor]], out_dtype: torch.dtype

@@ -271,13 +271,14 @@ def _not_boundary_ties(config_path: Path, name: str, positions) -> int:
     import numpy as np
 
     from merge_core.config import load_config
-    from merge_core.engine import open_sources, plan_for
+    from merge_core.prepare import prepare
     from merge_core.methods import get_method
     from merge_core.plan import resolve_tensor_params
 
     config = load_config(config_path)
-    sources = open_sources(config)
-    task = next(t for t in plan_for(config, sources) if t.out_name == name)
+    prepared = prepare(config, "cpu")
+    sources = prepared.sources
+    task = next(t for t in prepared.plan if t.out_name == name)
     _, model_params = resolve_tensor_params(config, get_method(config.merge_method), task)
     base_ref, base_name = task.sources[task.base_index]
     base = sources[base_ref].read(base_name, config_dtype(config)).reshape(-1)

@@ -12,7 +12,12 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import yaml
+from optuna.trial import TrialState
+
+from merge_core.config import dump_config, parse_config
 from search import StudyError
+from search.store import holdout_results
 
 BEST_CONFIG = "best_config.yaml"
 
@@ -87,10 +92,6 @@ def config_header(trial_number: int, score: float | None, scores: dict[str, floa
 def trial_config_yaml(trial, base_dir: Path) -> str:
     """The trial's merge config as YAML that runs from any folder: its model paths made absolute (configs
     stored with paths relative to the study YAML's folder `base_dir` are rebased). StudyError if it has none."""
-    import yaml
-
-    from merge_core.config import dump_config, parse_config
-
     text = trial.user_attrs.get("config")
     if not text:
         raise StudyError(f"trial {trial.number} stores no merge config", "--trial")
@@ -134,10 +135,6 @@ def write_text(path: Path, text: str, locked: bool = False) -> None:
 
 def choose_trial(study, number: int | None):
     """(trial, split, score, per-task scores): the given trial, else the held-out winner, else the best."""
-    from optuna.trial import TrialState
-
-    from search.store import holdout_results
-
     held = holdout_results(study)
     if number is not None:
         matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]

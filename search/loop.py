@@ -7,6 +7,7 @@ in objective. Never merges or scores by itself.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import multiprocessing as mp
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 # Private: heartbeats around ask/tell (Study.optimize runs them, ask/tell has no public hook); optuna is
 # pinned below 5.1 in pyproject.toml for this.
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import TrialState
+from sqlalchemy import text
 
 from evaluators import EvalError
 from merge_core.errors import MergeConfigError
@@ -142,16 +145,12 @@ class _advisory_lock:
 
     def __enter__(self):
         if self.engine is not None:
-            from sqlalchemy import text
-
             self.conn = self.engine.connect()
             self.conn.execute(text(f"SELECT pg_advisory_lock({self.KEY})"))
         return self
 
     def __exit__(self, *exc):
         if self.conn is not None:
-            from sqlalchemy import text
-
             self.conn.execute(text(f"SELECT pg_advisory_unlock({self.KEY})"))
             self.conn.close()
         return False
@@ -220,8 +219,6 @@ def _worker_main(study_path: str, storage_url: str | None, budget: Budget, devic
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     _stop_with_parent(parent)
     if device and device.startswith("cuda") and ":" not in device:
-        import torch
-
         if torch.cuda.device_count() > 1:
             device = f"cuda:{index % torch.cuda.device_count()}"
     try:
@@ -240,8 +237,6 @@ def _stop_with_parent(parent: int | None) -> None:
     worker then stops like on Ctrl-C: its running trial is queued again."""
     if parent is None or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -12,7 +12,15 @@ import threading
 import time
 
 import optuna
+import torch
 
+from evaluators import EvalError
+from evaluators.suite import Suite
+from evaluators.tasks import LOCAL_KINDS, load_items
+from merge_core import MergeConfigError
+from merge_core.config import dump_config
+from merge_core.engine import MergeEngine, NonFiniteMerge
+from merge_core.prepare import load_tokenizer, prepare
 from search.space import SearchSpace
 from search.study import StudyConfig
 
@@ -29,12 +37,6 @@ class TrialFault(Exception):
 
 def fault_reason(err: BaseException) -> str | None:
     """A one-line reason when `err` is a fault of the candidate (the study goes on), else None."""
-    import torch
-
-    from evaluators import EvalError
-    from merge_core import MergeConfigError
-    from merge_core.engine import NonFiniteMerge
-
     if isinstance(err, NonFiniteMerge):
         return f"non-finite merge: {err}"
     if isinstance(err, MergeConfigError):
@@ -55,14 +57,8 @@ def check_inputs(study: StudyConfig, space: SearchSpace, device: str | None = No
     exists, every model folder opens (safetensors headers only) and agrees with the others, every local task
     file parses; with `tokenize`, the suite is built too (tokenizer, lm-eval tasks, splits) and returned.
     Raises the same one-line user errors (MergeConfigError, EvalError) the runner would."""
-    from evaluators.suite import Suite
-    from evaluators.tasks import LOCAL_KINDS, load_items
-    from merge_core.engine import load_tokenizer, open_sources, pick_device, plan_for, tokenizer_source_path
-
-    pick_device(device or study.device)
     config = space.config(space.constant(space.default_values()))
-    sources = open_sources(config, study.allow_pickle)
-    plan_for(config, sources)
+    prepared = prepare(config, device or study.device, study.allow_pickle)
     for spec in study.evaluation.tasks:
         if spec.kind in LOCAL_KINDS:
             load_items(spec)
@@ -70,7 +66,7 @@ def check_inputs(study: StudyConfig, space: SearchSpace, device: str | None = No
                 load_items(spec, spec.holdout_path)
     if not tokenize:
         return None
-    return Suite.from_config(study.evaluation, load_tokenizer(tokenizer_source_path(config, sources)))
+    return Suite.from_config(study.evaluation, load_tokenizer(prepared.tokenizer_folder()))
 
 
 class TrialRunner:
@@ -78,9 +74,6 @@ class TrialRunner:
 
     def __init__(self, study: StudyConfig, space: SearchSpace, device: str | None = None,
                  stop: threading.Event | None = None):
-        from evaluators.suite import Suite
-        from merge_core.engine import MergeEngine
-
         self.study = study
         self.space = space
         self.stop = stop or threading.Event()
@@ -107,8 +100,6 @@ class TrialRunner:
     # ---- one trial ------------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial):
         genome = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in self.space.genes}
-        from merge_core.config import dump_config
-
         config = self.space.config(genome)
         # As written in the study (paths relative to its YAML): exports rebase them, so a moved run still exports.
         trial.set_user_attr("config", dump_config(config))

@@ -5,11 +5,14 @@ Owns every figure and table about a study; reads the storage only.
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import logging
+import os
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _plt():
-    import matplotlib
+    import matplotlib          # ~0.4 s to import: only once a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -31,8 +34,6 @@ def _plt():
 
 def save_figure(fig, path: Path) -> Path:
     """Write a figure atomically (a temporary file renamed into place: a kill never leaves half a PNG), close it."""
-    import os
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.tight_layout()
     try:
@@ -59,9 +60,6 @@ def trials_rows(study) -> list[dict]:
 
 
 def write_trials_csv(study, path: Path) -> Path:
-    import csv
-    import io
-
     rows = trials_rows(study)
     columns: list[str] = []
     for row in rows:
@@ -116,8 +114,6 @@ def plot_profile(space, genome: dict[str, float], path: Path, title: str) -> Pat
 
 
 def plot_importances(study, path: Path) -> Path | None:
-    import optuna
-
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 4 or len(study.directions) > 1:
         return None
@@ -230,7 +226,7 @@ def publish_holdout(study, study_cfg, trial, held: dict) -> None:
             + "; " + ", ".join(f"{k} {v:.3f}" for k, v in held["scores"].items()))
     study.set_user_attr("holdout_winner_summary", line)
     try:
-        from optuna_dashboard import save_note
+        from optuna_dashboard import save_note   # an optional extra
     except ImportError:
         return
     save_note(study, f"## Held-out winner: trial {trial.number}\n\n{line}\n\n" + holdout_markdown(study, study_cfg)

@@ -6,13 +6,22 @@ soups are materialized by merge_core's SoupEngine (running sum), never written t
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from evaluators.suite import Suite
+from evaluators.tasks import parse_evaluation_block
+from merge_core.config import resolve_path
+from merge_core.engine import SoupEngine
 from search import StudyError
+from search.export import atomic_write_text
 from search.report import _plt, save_figure
 from search.study import boolean, load_yaml
 
@@ -37,8 +46,6 @@ class SoupConfig:
 
 def expand_checkpoints(entries: list, base_dir: Path, where: str) -> list[Path]:
     """Paths or globs (relative to the YAML's folder) -> existing folders, in natural order, no duplicates."""
-    from merge_core.config import resolve_path
-
     if not isinstance(entries, list) or not entries:
         raise StudyError("give a list of checkpoint folders or globs", where)
     out: list[Path] = []
@@ -59,9 +66,6 @@ def _natural(text: str):
 
 
 def load_soup(path: Path | str, allow_pickle: bool = False) -> SoupConfig:
-    from evaluators.tasks import parse_evaluation_block
-    from merge_core.config import resolve_path
-
     path = Path(path)
     data = load_yaml(path, "soup")
     where = path.name
@@ -144,9 +148,6 @@ def greedy_soup(scores: list[float], soup_score, strict: bool = True) -> tuple[l
 
 def run_soup(cfg: SoupConfig, mode: str | None = None, console=None) -> SoupResult:
     """Score every ingredient, build the greedy (or just uniform) soup, and the comparison rows."""
-    from evaluators.suite import Suite
-    from merge_core.engine import SoupEngine
-
     mode = mode or cfg.mode
     t0 = time.perf_counter()
     engine = SoupEngine(cfg.checkpoints, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
@@ -217,13 +218,6 @@ def soup_config_dict(checkpoints: list[Path], chosen: list[int], dtype: str | No
 
 def write_outputs(cfg: SoupConfig, result: SoupResult, mode: str) -> dict[str, Path]:
     """soup_config.yaml, soup_table.{csv,md}, soup_steps.png in output_dir."""
-    import csv
-    import io
-
-    import yaml
-
-    from search.export import atomic_write_text
-
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     names = [checkpoint_label(p) for p in cfg.checkpoints]

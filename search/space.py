@@ -6,11 +6,13 @@ Knows nothing of Optuna beyond plain dicts of gene values.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from merge_core.architectures import find_architecture
+from merge_core.config import FilteredValue, MergeConfig, Setting, load_config
+from merge_core.methods import get_method
 from search import StudyError
 from search.study import StudyConfig
 
@@ -34,11 +36,9 @@ def _short(ref: str) -> str:
 
 
 class SearchSpace:
-    """Genes of a study and the mapping genome -> mergekit config dict (and MergeConfig)."""
+    """Genes of a study and the mapping genome -> MergeConfig (the study's merge with the searched values)."""
 
     def __init__(self, study: StudyConfig):
-        from merge_core.methods import get_method
-
         self.study = study
         raw = study.merge_raw
         if raw.get("slices"):
@@ -70,8 +70,6 @@ class SearchSpace:
         except (OSError, json.JSONDecodeError) as err:
             raise StudyError(f"cannot read config.json of model {ref}: {err}",
                              f"{self.study.path.name}: merge") from None
-        from merge_core.architectures import find_architecture
-
         arch = find_architecture(config)       # the layer count under the architecture's key (n_layer: GPT-2)
         return arch.num_layers(config) if arch is not None else int(config.get("num_hidden_layers", 1))
 
@@ -110,38 +108,32 @@ class SearchSpace:
                 "genes": [[g.name, g.low, g.high] for g in self.genes]}
 
     # ---- genome -> config -----------------------------------------------------------------------
-    def config_dict(self, genome: dict[str, float]) -> dict:
-        """The mergekit config (a plain dict) for a genome: the skeleton with searched values filled in."""
+    def config(self, genome: dict[str, float]) -> MergeConfig:
+        """The merge a genome describes: the study's merge (its skeleton, parsed once) with the searched values
+        filled in, as typed settings (a scalar, a gradient list, or a filter list per group)."""
         missing = [n for n in self.names if n not in genome]
         if missing:
             raise StudyError(f"genome lacks gene {missing[0]!r}", "genome")
-        cfg = copy.deepcopy(self.study.merge_raw)
-        cfg["models"] = [dict(e) if isinstance(e, dict) else {"model": e} for e in cfg.get("models", [])]
+        skeleton = self.study.merge
+        top = dict(skeleton.parameters)
+        per_model = [dict(m.parameters) for m in skeleton.models]
         for param in self.study.space.params:
             genes = [g for g in self.genes if g.param == param]
-            for m in sorted({g.model for g in genes}, key=lambda x: -1 if x is None else x):
-                setting = self._setting([g for g in genes if g.model == m], genome)
-                target = cfg if m is None else cfg["models"][m]
-                target["parameters"] = dict(target.get("parameters") or {})
-                target["parameters"][param] = setting
-        return cfg
+            for m in {g.model for g in genes}:
+                (top if m is None else per_model[m])[param] = self._setting(genes, m, genome)
+        return skeleton.with_parameters(top, per_model)
 
-    def _setting(self, genes: list[Gene], genome: dict[str, float]):
+    def _setting(self, genes: list[Gene], model: int | None, genome: dict[str, float]) -> Setting:
+        spec = self.method.model_params.get(genes[0].param) or self.method.params[genes[0].param]
+
         def values(group):
-            row = [float(genome[g.name]) for g in sorted(genes, key=lambda g: g.anchor) if g.group == group]
-            return row[0] if len(row) == 1 else row
+            row = [spec.kind(genome[g.name]) if spec.kind is float else round(genome[g.name])
+                   for g in sorted(genes, key=lambda g: g.anchor) if g.model == model and g.group == group]
+            return row[0] if len(row) == 1 else tuple(row)
 
         if self.groups == [None]:
             return values(None)
-        entries = [{"filter": grp, "value": values(grp)} for grp in self.groups if grp != REST]
-        entries.append({"value": values(REST)})
-        return entries
-
-    def config(self, genome: dict[str, float]):
-        """The MergeConfig for a genome."""
-        from merge_core.config import parse_config
-
-        return parse_config(self.config_dict(genome), where="genome", base_dir=self.study.base_dir)
+        return tuple(FilteredValue(values(group), None if group == REST else group) for group in self.groups)
 
     # ---- seed genomes ---------------------------------------------------------------------------
     def clip(self, genome: dict[str, float]) -> dict[str, float]:
@@ -196,8 +188,6 @@ class SearchSpace:
 
     def soup_genome(self, defaults: dict[str, float]) -> dict[str, float]:
         """The soup of `soup_config` as a genome: equal weights on its ingredients, zero on the others."""
-        from merge_core.config import load_config
-
         soup = load_config(self.study.soup_config)
         chosen = {soup.resolve_model(m.model).resolve() for m in soup.models}
         members = [m for m in self.searched_models

@@ -14,7 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
 from search import StudyError
 
@@ -89,8 +93,6 @@ def make_storage(url: str):
     """An Optuna storage for `url`: RDB (sqlite/postgresql/mysql) with heartbeats, or a journal file."""
     try:
         if url.endswith((".log", ".journal")) and "://" not in url:
-            from optuna.storages.journal import JournalFileBackend
-
             return optuna.storages.JournalStorage(JournalFileBackend(url))
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         storage = optuna.storages.RDBStorage(
@@ -108,8 +110,6 @@ def _sqlite_wal(engine) -> None:
     """WAL journal + synchronous=NORMAL: ~4x cheaper commits (per-item pruner reports), readers never
     block the writer, and a killed process loses nothing committed (only a power cut could lose the
     last transactions, never corrupt the file)."""
-    from sqlalchemy import event
-
     @event.listens_for(engine, "connect")
     def _pragmas(conn, _record):
         cursor = conn.cursor()
@@ -131,8 +131,6 @@ def close_storage(storage) -> None:
 def storage_failures(url: str):
     """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
     traceback: what it had stored is kept, and the same command resumes once it works again."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
         yield
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
@@ -302,8 +300,6 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
     stamp: until its new worker stamps it, a popped retry must look unstamped (see loop.fail_dead_local_trials)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     trial = copy.deepcopy(trial)
     trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
     RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)

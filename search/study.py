@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_core.config import read_yaml_mapping
+from evaluators.tasks import parse_evaluation_block
+from merge_core import MergeConfigError
+from merge_core.config import parse_config, read_yaml_mapping, resolve_path
 from search import StudyError, store
 
 SAMPLERS = tuple(store.SAMPLERS)
@@ -187,10 +189,6 @@ def parse_named(data: Any, where: str, allowed: tuple[str, ...], default: str, f
 
 def parse_study(data: Any, path: Path) -> StudyConfig:
     """Validate a loaded study YAML (a dict) that came from `path`."""
-    from evaluators.tasks import parse_evaluation_block
-    from merge_core import MergeConfigError
-    from merge_core.config import parse_config, resolve_path
-
     where = path.name
     data = _mapping(data, where)
     _reject_unknown(data, TOP_LEVEL_KEYS, f"{where}:")

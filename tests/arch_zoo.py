@@ -46,6 +46,13 @@ def build_family(arch: str, folder: Path, seed: int = 0, layers: int = 3) -> dic
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, layers)).float().eval()
+    return save_family(model, folder, seed)
+
+
+def save_family(model, folder: Path, seed: int) -> dict[str, Path]:
+    """Save `model` as base/ and two random fine-tunes of it (+N(0, 0.02) on every parameter) as ft1/, ft2/."""
+    import torch
+
     out = {"base": folder / "base"}
     model.save_pretrained(out["base"])
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -98,14 +105,4 @@ def build_more(model_type: str, folder: Path, seed: int = 0) -> dict[str, Path]:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **MORE_ARCHS[model_type])).float()
-    out = {"base": folder / "base"}
-    model.save_pretrained(out["base"])
-    original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for k in (1, 2):
-        gen = torch.Generator().manual_seed(seed * 10 + k)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(original[name] + 0.02 * torch.randn(p.shape, generator=gen))
-        out[f"ft{k}"] = folder / f"ft{k}"
-        model.save_pretrained(out[f"ft{k}"])
-    return out
+    return save_family(model, folder, seed)

@@ -7,6 +7,7 @@ import yaml
 from mergekit_oracle import max_abs_diff, read_folder, run_mergekit, run_ours
 from studyfiles import write_study
 
+from merge_core.config import config_to_dict, dump_config
 from search import StudyError
 from search.space import SearchSpace
 from search.study import load_study
@@ -24,7 +25,7 @@ def test_global_and_anchor_granularity(zoo, tmp_path):
     assert len(SearchSpace(load_study(write_study(tmp_path / "g", zoo, granularity="global"))).genes) == 4
     space = SearchSpace(load_study(write_study(tmp_path / "a", zoo, granularity="anchors:2")))
     genome = {n: 0.5 for n in space.names}
-    cfg = space.config_dict(genome)
+    cfg = config_to_dict(space.config(genome))
     assert cfg["models"][0]["parameters"]["weight"] == [0.5, 0.5]
 
 
@@ -63,7 +64,7 @@ def test_genome_config_reproduces_in_mergekit(method, params, per_filter, zoo, t
 
     rng = random.Random(0)
     genome = {g.name: rng.uniform(g.low, g.high) for g in space.genes}
-    raw = yaml.safe_load(yaml.safe_dump(space.config_dict(genome)))   # exactly what a file would hold
+    raw = yaml.safe_load(dump_config(space.config(genome)))   # exactly what a file would hold
     theirs = run_mergekit(raw, tmp_path / "mk")
     ours = run_ours(raw)
     assert max_abs_diff(ours, theirs)[0] <= 1e-5
@@ -74,7 +75,7 @@ def test_parent_seed_reproduces_the_parent(zoo, tmp_path):
     seeds = dict(space.seed_genomes())
     assert {"uniform", "defaults"} <= set(seeds)
     parent = seeds["parent ft_add"]
-    merged = run_ours(space.config_dict(parent))
+    merged = run_ours(config_to_dict(space.config(parent)))
     diff, where = max_abs_diff(merged, read_folder(zoo["ft_add"]))
     assert diff <= 1e-6, where
 

@@ -144,6 +144,7 @@ def _allow_pickle(parser: argparse.ArgumentParser) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    # Imported when a command runs, not at start-up: `mergesearch --help` stays instant (no torch, no optuna).
     from evaluators import EvalError
     from merge_core import MergeConfigError
     from search import StudyError
@@ -152,6 +153,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    # Each command imports only its own module (torch, transformers, optuna load when a command needs them).
     if args.command == "merge":
         from search.cli.merge import merge_command
         return merge_command(args)

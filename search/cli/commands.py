@@ -10,9 +10,33 @@ import os
 from pathlib import Path
 
 import yaml
+from rich.table import Table
 
+from merge_core.config import parse_config
+from merge_core.methods import REGISTRY, describe_param
+from merge_core.prepare import pick_device
+from merge_core.writer import check_output_folder, merge_to_folder
 from search import StudyError
 from search.cli.output import console, print_json
+from search.cli.progress import SearchProgress
+from search.export import BEST_CONFIG, choose_trial, config_header, scores_card, trial_config_yaml, write_text
+from search.loop import run_search
+from search.objective import check_inputs
+from search.report import write_report
+from search.soup import checkpoint_label, comparison_rows, load_soup, run_soup, soup_config_dict, write_outputs
+from search.space import SearchSpace
+from search.store import (
+    best_complete,
+    check_creatable,
+    holdout_results,
+    local_file,
+    opened_study,
+    redact,
+    state_counts,
+    study_differs,
+    trial_by_number,
+)
+from search.study import load_study, parse_duration
 
 
 def _device(args, default: str) -> str:
@@ -20,8 +44,6 @@ def _device(args, default: str) -> str:
 
 
 def _budget(args, study_cfg) -> tuple[int | None, float | None]:
-    from search.study import parse_duration
-
     trials = args.trials if args.trials is not None else study_cfg.trials
     timeout = parse_duration(args.timeout, "--timeout") if args.timeout else study_cfg.timeout
     if trials is None and timeout is None:
@@ -33,11 +55,6 @@ def _budget(args, study_cfg) -> tuple[int | None, float | None]:
 # ---- search ---------------------------------------------------------------------------------------------------
 def search_command(args) -> int:
     """`mergesearch search STUDY.yaml [--trials N] [--timeout 8h] [--storage URL] [--workers N] [--json]`."""
-    from search.cli.progress import SearchProgress
-    from search.loop import run_search
-    from search.store import opened_study
-    from search.study import load_study
-
     study_cfg = load_study(args.study, allow_pickle=args.allow_pickle)
     trials, timeout = _budget(args, study_cfg)
     status = run_search(study_cfg, trials=trials, timeout=timeout, storage_url=args.storage, workers=args.workers,
@@ -68,8 +85,6 @@ def resume_command(args) -> str:
 
 def search_summary(study_cfg, study, storage_url: str | None) -> dict:
     """Where a study's outputs are and what it found (the `--json` summary of search)."""
-    from search.store import best_complete, holdout_results, redact, state_counts, trial_by_number
-
     held = holdout_results(study)
     winner = study.user_attrs.get("holdout_winner")
     best = trial_by_number(study, winner) if winner is not None else best_complete(study)
@@ -92,12 +107,6 @@ def search_summary(study_cfg, study, storage_url: str | None) -> dict:
 def validate_command(args) -> int:
     """`mergesearch validate STUDY.yaml`: every check `search` makes before it starts, and what it would use.
     Creates nothing (no output folder, no storage)."""
-    from rich.table import Table
-
-    from search.objective import check_inputs
-    from search.space import SearchSpace
-    from search.store import check_creatable, local_file, redact, study_differs
-    from search.study import load_study
 
     study_cfg = load_study(args.study, allow_pickle=args.allow_pickle)
     space = SearchSpace(study_cfg)
@@ -149,9 +158,6 @@ def export_command(args) -> int:
 
     Everything is checked (the study exists, the trial, the config file target, the model folder) before
     anything is written; the model first, so that if it fails (disk full) neither output has changed."""
-    from search.store import opened_study
-    from search.study import load_study
-
     say = console()
     study_cfg = load_study(args.study, allow_pickle=args.allow_pickle)
     with opened_study(study_cfg, args.storage) as study:
@@ -159,11 +165,6 @@ def export_command(args) -> int:
 
 
 def _export(args, study_cfg, study, say) -> int:
-    from merge_core.config import parse_config
-    from merge_core.writer import check_output_folder, merge_to_folder
-    from search.export import BEST_CONFIG, choose_trial, config_header, scores_card, trial_config_yaml, write_text
-    from search.store import holdout_results
-
     trial, split, score, scores = choose_trial(study, args.trial)
     out = Path(os.path.abspath(args.out)) if args.out else study_cfg.output_dir / BEST_CONFIG
     if out.is_dir():
@@ -188,11 +189,6 @@ def _export(args, study_cfg, study, say) -> int:
 
 def report_command(args) -> int:
     """`mergesearch report STUDY.yaml`: redraw report/ and trials.csv from the storage."""
-    from search.report import write_report
-    from search.space import SearchSpace
-    from search.store import opened_study
-    from search.study import load_study
-
     study_cfg = load_study(args.study)
     with opened_study(study_cfg, args.storage) as study:
         page = write_report(study_cfg, study, SearchSpace(study_cfg))
@@ -203,13 +199,6 @@ def report_command(args) -> int:
 # ---- soup ----------------------------------------------------------------------------------------------------
 def soup_command(args) -> int:
     """`mergesearch soup SOUP.yaml [--mode greedy|uniform] [--write-model DIR [--force]] [--json]`."""
-    from rich.table import Table
-
-    from merge_core.config import parse_config
-    from merge_core.engine import pick_device
-    from merge_core.writer import check_output_folder, merge_to_folder
-    from search.soup import checkpoint_label, comparison_rows, load_soup, run_soup, soup_config_dict, write_outputs
-    from search.store import check_creatable
 
     say = console()
     cfg = load_soup(args.soup, allow_pickle=args.allow_pickle)
@@ -257,9 +246,6 @@ def soup_command(args) -> int:
 # ---- methods --------------------------------------------------------------------------------------------------
 def methods_command(args) -> int:
     """`mergesearch methods`: every merge method with its parameters (method-level and per model)."""
-    from rich.table import Table
-
-    from merge_core.methods import REGISTRY, describe_param
 
     rows = []
     for name in sorted(REGISTRY):

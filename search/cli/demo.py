@@ -7,12 +7,28 @@ comparing every parent, the plain uniform merges and the recipe found. Owns only
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
 from pathlib import Path
 
+import optuna
 import yaml
+from optuna.trial import TrialState
+from rich.table import Table
 
+from evaluators.suite import Suite
+from merge_core.config import parse_config
+from merge_core.engine import MergeEngine
+from merge_core.writer import merge_to_folder
 from search import StudyError
+from search.cli.output import console as make_console
+from search.cli.progress import SearchProgress
+from search.export import atomic_write_text, choose_trial, scores_card
+from search.loop import run_search
+from search.soup import load_soup, run_soup, write_outputs
+from search.store import holdout_results
+from search.study import load_study
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "studies"
@@ -21,9 +37,6 @@ SCRIPTS = REPO / "scripts"
 
 def demo_family():
     """scripts/demo_family.py, the demo's model builder (training code stays out of the installed package)."""
-    import importlib
-    import sys
-
     if not (SCRIPTS / "demo_family.py").is_file():
         raise StudyError("the demo's model builder is missing (run the demo from a clone of the repository)",
                          str(SCRIPTS / "demo_family.py"))
@@ -95,10 +108,6 @@ def baseline_configs(study) -> dict[str, dict]:
 
 def score_configs(study, configs: dict[str, dict], device: str | None) -> dict[str, dict]:
     """Held-out and search scores of arbitrary merge configs (each gets its own small engine)."""
-    from evaluators.suite import Suite
-    from merge_core.config import parse_config
-    from merge_core.engine import MergeEngine
-
     out: dict[str, dict] = {}
     suite = None
     for label, raw in configs.items():
@@ -112,10 +121,6 @@ def score_configs(study, configs: dict[str, dict], device: str | None) -> dict[s
 
 def final_table(study, optuna_study, baselines: dict[str, dict]):
     """Rows: each parent, the plain merges, the best found; columns: held-out per task, combined, gap."""
-    from optuna.trial import TrialState
-    from rich.table import Table
-
-    from search.store import holdout_results
 
     held = holdout_results(optuna_study)
     tasks = [t.name for t in study.evaluation.tasks]
@@ -156,13 +161,6 @@ def markdown(rows, tasks: list[str]) -> str:
 
 def demo_command(args) -> int:
     """Build the demo family if missing, search, export, report, soup, and print the comparison."""
-    from search.cli.output import console as make_console
-    from search.cli.progress import SearchProgress
-    from search.export import atomic_write_text
-    from search.loop import run_search
-    from search.soup import load_soup, run_soup, write_outputs
-    from search.study import load_study
-
     console = make_console()
     for name in ("demo.yaml", "demo_soup.yaml"):
         if not (STUDIES / name).is_file():
@@ -187,19 +185,12 @@ def demo_command(args) -> int:
     if status != 0:
         return status
 
-    import optuna
-
     optuna_study = optuna.load_study(study_name=study.name, storage=study.storage_url())
     console.print("[bold]3/5 plain merges for comparison[/] (linear average, task arithmetic, ties)")
     baselines = score_configs(study, baseline_configs(study), None)
     table, rows = final_table(study, optuna_study, baselines)
 
     console.print("[bold]4/5 the merged model[/]")
-    from merge_core.config import parse_config
-    from merge_core.writer import merge_to_folder
-    from search.export import choose_trial, scores_card
-    from search.store import holdout_results
-
     trial, _, _, _ = choose_trial(optuna_study, None)
     best_cfg = parse_config(yaml.safe_load(trial.user_attrs["config"]), where="best", base_dir=study.base_dir)
     model_dir = merge_to_folder(best_cfg, out / "model", seed=study.seed, force=True,

@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.table import Table
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from evaluators import EvalError
-from evaluators.tasks import (
-    EvaluationConfig,
-    check_unique_names,
-    parse_evaluation_block,
-    parse_task_arg,
-)
-from merge_core.config import read_yaml_mapping
+from evaluators.suite import Suite
+from evaluators.tasks import EvaluationConfig, check_unique_names, parse_evaluation_block, parse_task_arg
+from merge_core.config import load_config, read_yaml_mapping
+from merge_core.engine import MergeEngine
 from search.cli.output import console, print_json
+from search.export import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ def eval_command(args: argparse.Namespace) -> int:
             raise EvalError(f"cannot write {out}: {blocker} is a file, not a folder", "--out")
     model, tokenizer = load_target(Path(args.target), device, allow_pickle=args.allow_pickle)
 
-    from evaluators.suite import Suite
-
     started = time.perf_counter()
     suite = Suite.from_config(config, tokenizer, batch_size=args.batch_size)
     setup_s = time.perf_counter() - started
@@ -54,8 +55,6 @@ def eval_command(args: argparse.Namespace) -> int:
     report = {"target": str(args.target), "device": device, "split": args.split, "setup_seconds": round(setup_s, 3),
               "seconds": round(total_s, 3), **result.to_dict()}
     if out is not None:
-        from search.export import atomic_write_text
-
         atomic_write_text(out, json.dumps(report, indent=2) + "\n")
         console().print(f"results -> {out}")
     if args.json:
@@ -83,8 +82,6 @@ def read_evaluation_block(path: Path) -> EvaluationConfig:
 
 def resolve_device(device: str) -> str:
     """auto -> cuda when available, else cpu; an explicit cuda device must exist."""
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,10 +107,6 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
         raise EvalError("not a Hugging Face model folder (no config.json)", str(folder))
     if not any(folder.glob("*.safetensors")):
         raise EvalError("no .safetensors weights (pickle .bin checkpoints are refused)", str(folder))
-    import torch
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
@@ -133,17 +126,12 @@ def load_model_dir(folder: Path, device: str) -> tuple[Any, Any]:
 
 
 def _materialize_merge(config_path: Path, device: str, allow_pickle: bool) -> tuple[Any, Any]:
-    from merge_core.config import load_config
-    from merge_core.engine import MergeEngine
-
     cfg = load_config(config_path)
     engine = MergeEngine(cfg, device=device, allow_pickle=allow_pickle)
     return engine.materialize(cfg).eval(), engine.tokenizer
 
 
 def _print_table(result, title: str, stdout: bool) -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for column, justify in (("task", "left"), ("kind", "left"), ("metric", "left"), ("score", "right"),
                             ("n", "right"), ("seconds", "right")):
