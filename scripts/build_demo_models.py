@@ -21,16 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models/demo"), help="output folder (default models/demo)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long test build (tiny, untrained-ish)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a matching build exists")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import torch
+    from demo_family import build_demo_family      # builds in a process with pinned CPU kernels (one thread)
 
-    from demo_family import build_demo_family
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         manifest = build_demo_family(args.out, quick=args.quick, force=args.force)
     except ValueError as exc:

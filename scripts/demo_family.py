@@ -60,7 +60,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: built with pinned CPU kernels (PINNED_KERNELS)
+# The build trains in a process whose CPU kernels are pinned: ATen's baseline (no AVX) kernels, MKL's conditional
+# numerical reproducibility, oneDNN at SSE4.1, one thread. Without it, the bytes (and the demo's numbers) depend
+# on the CPU: three builds on one machine with ATEN_CPU_CAPABILITY=default, avx2 and avx512 gave three different
+# families. With it they are identical, and so is a build with MKL told to use SSE4.2, AVX2 or AVX-512.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MANIFEST = "manifest.json"
 KIND = "mergesearch-demo-family"
 
@@ -450,6 +456,8 @@ def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, t
         assert manifest is not None
         log.info("demo family: cache hit in %s (plan %s)", out_dir, manifest["plan_hash"])
         return {**manifest, "cached": True}
+    if not kernels_pinned():
+        return _build_pinned(out_dir, quick, force)
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or read_manifest(out_dir))):
         raise ValueError(f"{out_dir}: exists and is not a demo build; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -476,6 +484,31 @@ def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, t
         raise
     finally:
         torch.set_num_threads(saved_threads)
+    return {**manifest, "cached": False}
+
+
+def kernels_pinned() -> bool:
+    """Whether this process runs with PINNED_KERNELS (they take effect only if set before torch starts)."""
+    return all(os.environ.get(key) == value for key, value in PINNED_KERNELS.items())
+
+
+def _build_pinned(out_dir: Path, quick: bool, force: bool) -> dict[str, Any]:
+    """Run the build in a fresh process with PINNED_KERNELS (scripts/build_demo_models.py); its log goes to our
+    stderr. Returns the manifest; a refusal (not a demo build) is a ValueError, as in-process."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("build_demo_models.py")
+    args = [sys.executable, str(script), "--out", str(out_dir)] + ["--quick"] * quick + ["--force"] * force
+    proc = subprocess.run(args, env={**os.environ, **PINNED_KERNELS}, stdout=subprocess.PIPE, stderr=None,
+                          text=True)
+    if proc.returncode == 2:
+        raise ValueError(f"{out_dir}: exists and is not a demo build; refusing to replace it")
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the demo family failed (exit {proc.returncode}); see the lines above")
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise RuntimeError(f"{out_dir}: the build finished without a manifest")
     return {**manifest, "cached": False}
 
 
@@ -568,6 +601,7 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
         "final_train_loss": {k: round(v, 6) for k, v in losses.items()},
         "seconds": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
         "torch_threads": torch.get_num_threads(),
+        "kernels": {key: os.environ.get(key) for key in PINNED_KERNELS},
         "versions": _versions(),
         "files": files,
         "content_hash": content_hash(root),

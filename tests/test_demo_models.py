@@ -143,6 +143,8 @@ def test_interrupted_build_is_not_complete(tmp_path, monkeypatch):
         return original(model, tok, path)
 
     monkeypatch.setattr(toy, "save_model", dying_save)
+    for key, value in dm.PINNED_KERNELS.items():        # build in this process (where save_model is patched)
+        monkeypatch.setenv(key, value)
     with pytest.raises(KeyboardInterrupt):
         dm.build_demo_family(out, quick=True)
     assert not out.exists() and not dm.is_complete(out, quick=True)
@@ -180,6 +182,21 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="not a demo build"):
         dm.build_demo_family(out, quick=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_builds_pin_the_cpu_kernels(quick, tmp_path):
+    """The bytes do not depend on the CPU's vector units: a build under other ATen kernels is the same build."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_models.py"
+    other = tmp_path / "other"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2" if os.environ.get("ATEN_CPU_CAPABILITY") != "avx2" else "default"}
+    res = subprocess.run([sys.executable, str(script), "--out", str(other), "--quick"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert dm.read_manifest(other)["content_hash"] == dm.read_manifest(quick)["content_hash"]
+    assert dm.read_manifest(quick)["kernels"] == dm.PINNED_KERNELS
 
 
 def test_cli_wrapper(quick, tmp_path):
