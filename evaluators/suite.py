@@ -17,7 +17,7 @@ import torch
 
 from evaluators import EvalError
 from evaluators.native import make_scorer
-from evaluators.tasks import SPLITS, EvaluationConfig, TaskSpec, check_unique_names, load_items, select_split
+from evaluators.tasks import SPLITS, halves, EvaluationConfig, TaskSpec, check_unique_names, load_items, select_split
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ class Suite:
                 return _Task(spec, scorer, metric, ids, self._file_splits(ids, len(items), spec.limit))
         positions = list(range(len(ids)))
         splits = {split: select_split(positions, ids, split=split, holdout=self.holdout, seed=self.seed,
-                                      limit=spec.limit) for split in SPLITS}
+                                      limit=spec.limit) for split in ("search", "holdout", "all")}
+        splits.update(halves(splits["holdout"], [ids[p] for p in splits["holdout"]], self.seed))
         log.info("task %s: %d items (search %d, holdout %d) ready in %.2fs", spec.name, len(ids),
                  len(splits["search"]), len(splits["holdout"]), time.perf_counter() - started)
         return _Task(spec, scorer, metric, ids, splits)
@@ -178,7 +179,8 @@ class Suite:
                                 limit=limit)
 
         search, holdout = pick(0, n_search), pick(n_search, len(ids))
-        return {"search": search, "holdout": holdout, "all": sorted(search + holdout)}
+        return {"search": search, "holdout": holdout, "all": sorted(search + holdout),
+                **halves(holdout, [ids[p] for p in holdout], self.seed)}
 
     @property
     def specs(self) -> list[TaskSpec]:

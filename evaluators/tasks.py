@@ -17,7 +17,7 @@ from evaluators import EvalError
 
 LOCAL_KINDS = ("multiple_choice", "generate", "perplexity")
 KINDS = (*LOCAL_KINDS, "lm_eval")
-SPLITS = ("search", "holdout", "all")
+SPLITS = ("search", "holdout", "all", "select", "report")   # select + report: the two halves of holdout
 MC_METRICS = ("acc", "acc_norm")
 DEFAULT_METRIC = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "neg_nll"}
 
@@ -41,6 +41,7 @@ class TaskSpec:
     max_new_tokens: int = 32
     num_fewshot: int | None = None
     holdout_path: Path | None = None   # a separate held-out file: its items are the holdout split
+    reference: float | None = None     # the score that counts as "kept the skill" (default: the best parent's)
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: Path | str = ".", where: str = "task") -> TaskSpec:
@@ -90,6 +91,7 @@ class TaskSpec:
             max_new_tokens=_optional_int(raw, "max_new_tokens", where, minimum=1) or 32,
             num_fewshot=_optional_int(raw, "num_fewshot", where, minimum=0),
             holdout_path=holdout_path,
+            reference=_reference(raw.get("reference"), f"{where}.reference"),
         )
 
 
@@ -252,8 +254,8 @@ def select_split(items: Sequence[T], ids: Iterable[str], *, split: str, holdout:
     Holdout membership depends only on (id, seed): an item's side never changes when the file grows or is
     re-ordered, and the two splits are disjoint. `limit` takes a seeded choice, nested in `limit`.
     """
-    if split not in SPLITS:
-        raise EvalError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split not in ("search", "holdout", "all"):
+        raise EvalError(f"split must be search, holdout or all, got {split!r}")
     keyed = list(zip(ids, items, strict=True))
     sides = ("search", "holdout") if split == "all" else (split,)
     chosen: list[tuple[float, str, T]] = []
@@ -264,6 +266,21 @@ def select_split(items: Sequence[T], ids: Iterable[str], *, split: str, holdout:
         chosen.extend(pool[:limit] if limit is not None else pool)
     chosen.sort(key=lambda entry: entry[:2])
     return [item for _, _, item in chosen]
+
+
+def in_report_half(item_id: str, seed: int) -> bool:
+    """Which half of the held-out items an item is in: `report` (True) or `select` (False). Stable in (id, seed).
+
+    A search's winner is picked among its best trials on the select half and every result is reported on the
+    report half, so that the score reported for the winner is not the score that picked it."""
+    return _unit_hash("report", seed, item_id) < 0.5
+
+
+def halves(positions: Sequence[T], ids: Sequence[str], seed: int) -> dict[str, list[T]]:
+    """The select and report halves of a held-out split (its positions, with their item ids)."""
+    report = [in_report_half(i, seed) for i in ids]
+    return {"select": [p for p, r in zip(positions, report, strict=True) if not r],
+            "report": [p for p, r in zip(positions, report, strict=True) if r]}
 
 
 def _unit_hash(salt: str, seed: int, item_id: str) -> float:
@@ -316,6 +333,14 @@ def _optional_int(raw: dict, key: str, where: str, minimum: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise EvalError(f"must be an integer >= {minimum}, got {value!r}", f"{where}.{key}")
     return value
+
+
+def _reference(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise EvalError(f"must be a number > 0 (the score that counts as keeping the skill), got {value!r}", where)
+    return float(value)
 
 
 def _weight(value: Any, where: str) -> float:

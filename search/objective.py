@@ -21,6 +21,7 @@ from merge_core import MergeConfigError
 from merge_core.config import dump_config
 from merge_core.engine import MergeEngine, NonFiniteMerge
 from merge_core.prepare import load_tokenizer, prepare
+from search.compare import aggregate, item_weights
 from search.space import SearchSpace
 from search.study import StudyConfig
 
@@ -70,32 +71,66 @@ def check_inputs(study: StudyConfig, space: SearchSpace, device: str | None = No
 
 
 class TrialRunner:
-    """A worker's resident merge engine and evaluation suite; runs trials and re-evaluations."""
+    """A worker's resident merge engine and evaluation suite; runs trials and re-evaluations.
+
+    `references` (task -> score): what a task's score is normalized by (the objective's aggregate); None until
+    `measure_references` or the study's stored ones set it."""
 
     def __init__(self, study: StudyConfig, space: SearchSpace, device: str | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, references: dict[str, float] | None = None):
         self.study = study
         self.space = space
         self.stop = stop or threading.Event()
+        self.references = references
         t0 = time.perf_counter()
         first = space.config(space.constant(space.default_values()))
         self.engine = MergeEngine(first, device=device or study.device, seed=study.seed,
                                   allow_pickle=study.allow_pickle)
         self.suite = Suite.from_config(study.evaluation, self.engine.tokenizer, device=self.engine.device)
+        self.weights = {spec.name: spec.weight for spec in study.evaluation.tasks}
         self.setup_seconds = time.perf_counter() - t0
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, config, split: str = "search", callback=None):
+    def evaluate(self, config, split: str = "search", callback=None, chunk_size: int | None = None):
         """Materialize `config` and score it on `split`; returns (SuiteResult, merge_s, eval_s)."""
         t0 = time.perf_counter()
         model = self.engine.materialize(config, check_finite=True)
         t1 = time.perf_counter()
-        result = self.suite.evaluate(model, split=split, callback=callback)
+        result = self.suite.evaluate(model, split=split, callback=callback, chunk_size=chunk_size)
         t2 = time.perf_counter()
         bad = [task.name for task in result.tasks if not math.isfinite(task.score)]
         if bad:
             raise TrialFault(f"non-finite score on task {bad[0]} (NaN/inf loss)")
         return result, t1 - t0, t2 - t1
+
+    def value(self, scores: dict[str, float]) -> float:
+        """The study's objective from per-task scores (its aggregate over the references)."""
+        return aggregate(scores, self.study.aggregate, self.weights, self.references)
+
+    def measure_references(self) -> dict[str, float]:
+        """Per task, the best parent's score on the search items: each searched model alone (its parent seed genome,
+        merged by this engine), or, where the space cannot express a parent, the model itself."""
+        best: dict[str, float] = {}
+        for scores in self._parent_scores():
+            for task, score in scores.items():
+                best[task] = max(best.get(task, -math.inf), score)
+        return best
+
+    def _parent_scores(self) -> list[dict[str, float]]:
+        parents = self.space.parent_genomes()
+        if parents is not None:
+            return [self._task_scores(self.space.config(genome)) for _, genome in parents]
+        out = []
+        for m in self.space.searched_models:
+            alone = self.space.parent_config(m)
+            engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
+            out.append({t.name: t.score for t in self.suite.evaluate(engine.materialize(alone), "search").tasks})
+            del engine
+        return out
+
+    def _task_scores(self, config) -> dict[str, float]:
+        result, _, _ = self.evaluate(config, "search")
+        return {t.name: t.score for t in result.tasks}
 
     # ---- one trial ------------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial):
@@ -103,35 +138,45 @@ class TrialRunner:
         config = self.space.config(genome)
         # As written in the study (paths relative to its YAML): exports rebase them, so a moved run still exports.
         trial.set_user_attr("config", dump_config(config))
-        result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial))
-        trial.set_user_attr("scores", {t.name: t.score for t in result.tasks})
-        trial.set_user_attr("score", result.score)
+        result, merge_s, eval_s = self.evaluate(config, "search", self._reporter(trial), self.study.pruner.every)
+        scores = {t.name: t.score for t in result.tasks}
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("score", self.value(scores))
         trial.set_user_attr("merge_s", round(merge_s, 4))
         trial.set_user_attr("eval_s", round(eval_s, 4))
         trial.set_user_attr("n_items", sum(t.n for t in result.tasks))
         if self.study.multi_objective:
             return list(result.objectives)
-        return result.score
+        return self.value(scores)
 
     def _reporter(self, trial: optuna.Trial):
-        """The staged-evaluation callback: report to the pruner, prune, honour a stop request."""
-        per_item = self.study.pruner.name == "wilcoxon"
+        """The staged-evaluation callback, once per chunk (`pruner.every` items of one task, the tasks taking
+        turns): honour a stop request, report to the pruner (one storage write a chunk), prune.
+
+        Chunk k is the same items in every trial. Wilcoxon pairs trials chunk by chunk, on the chunk's mean item
+        score weighted as in the objective (item / reference for normalized and worst); the other pruners see the
+        objective over everything scored so far, at step k."""
+        paired = self.study.pruner.name == "wilcoxon"
         prunes = self.study.pruner.name != "none" and not self.study.multi_objective
+        per_item = item_weights(self.study.aggregate, self.references or {})
         # Seed trials (each parent, the uniform merge, ...) are the reference rows of every table: they report,
         # so the pruner can compare against them, but are never pruned themselves (a specialist parent scores
         # ~0 on the other tasks and would be pruned on its first items).
         may_prune = "seed" not in trial.user_attrs
+        chunks = iter(range(10**9))
 
         def report(progress) -> None:
             if self.stop.is_set():
                 raise Interrupted("stopped by the user")
+            step = next(chunks)
             if not prunes:
                 return
-            if per_item:
-                for step, score in progress.new:
-                    trial.report(score, step)
+            if paired:
+                weight = per_item.get(progress.task, 1.0)
+                value = weight * sum(score for _, score in progress.new) / len(progress.new)
             else:
-                trial.report(progress.result.score, progress.done)
+                value = self.value({t.name: t.score for t in progress.result.tasks if t.n})
+            trial.report(value, step)
             if may_prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {progress.done} of {progress.total} items")
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from search.export import atomic_write_text
-from search.store import best_complete, holdout_results, top_trials
+from search.store import best_complete, top_trials
 
 log = logging.getLogger(__name__)
 
@@ -184,50 +184,85 @@ def write_report(study_cfg, study, space) -> Path:
 
 
 def summary_table(study, study_cfg) -> Table:
-    """Seed trials (parents, uniform, defaults) and the best found, per task, search and held-out."""
-    held = holdout_results(study)
-    rows = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "seed" in t.user_attrs]
-    winner = study.user_attrs.get("holdout_winner")
-    best = [t for t in study.get_trials(deepcopy=False) if t.number == winner] or top_trials(study, 1)
+    """The results table: after a held-out comparison (search.compare), every parent, plain merge and the best
+    found on the report half of the held-out items; before one, the seed trials and the best on the search items."""
+    final = study.user_attrs.get("final")
     tasks = [t.name for t in study_cfg.evaluation.tasks]
-    table = Table(title=f"study {study_cfg.name}: held-out scores (search in brackets)")
-    table.add_column("candidate")
-    table.add_column("trial", justify="right")
-    for name in tasks:
-        table.add_column(name, justify="right")
-    table.add_column("combined", justify="right", style="bold")
-    for t in rows + [b for b in best if b.number not in {r.number for r in rows}]:
-        label = t.user_attrs.get("seed", "best found")
-        if best and t.number == best[0].number:
-            label = f"{label} *" if "seed" in t.user_attrs else "best found"
-        h = held.get(t.number, {})
-        cells = []
-        for name in tasks:
-            s = t.user_attrs.get("scores", {}).get(name)
-            hv = h.get("scores", {}).get(name)
-            cells.append(f"{hv:.3f} ({s:.3f})" if hv is not None else (f"- ({s:.3f})" if s is not None else "-"))
-        hs, ss = h.get("score"), t.user_attrs.get("score")
-        cells.append(f"{hs:.3f} ({ss:.3f})" if hs is not None else f"- ({ss:.3f})")
-        table.add_row(label, str(t.number), *cells)
+    if not final or not final.get("rows"):
+        return _search_table(study, study_cfg, tasks)
+    report = final["items"]["report"]
+    table = Table(title=f"study {study_cfg.name}: held-out scores ({', '.join(f'{report[t]} {t}' for t in tasks)} "
+                        f"items, report half{' = select half: too few items' if final.get('halves_shared') else ''})")
+    for column in ("candidate", "trial", *tasks, "mean", "normalized", "worst", "search"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    value_column = {"mean": "mean", "normalized": "normalized", "worst": "worst"}[final["aggregate"]]
+    for row in final["rows"]:
+        cells = [f"{row['scores'].get(t, float('nan')):.3f}" for t in tasks]
+        stats = {k: f"{row[k]:.3f}" for k in ("mean", "normalized", "worst")}
+        stats[value_column] = f"[bold]{stats[value_column]}[/]"
+        search = row.get("search_score")
+        table.add_row(row["label"], "" if row.get("trial") is None or row["kind"] == "plain" else str(row["trial"]),
+                      *cells, stats["mean"], stats["normalized"], stats["worst"],
+                      f"{search:.3f}" if search is not None else "-",
+                      style="bold green" if row["kind"] == "found" else None)
+    table.caption = final_caption(final)
     return table
 
 
-def holdout_markdown(study, study_cfg) -> str:
-    """The summary table (seed trials and the held-out winner, held-out with search in brackets) as Markdown."""
-    console = Console(record=True, width=200, file=io.StringIO())
-    console.print(summary_table(study, study_cfg))
-    return "```\n" + console.export_text() + "```\n"
+def final_caption(final: dict) -> str:
+    """One line on the winner's margin and how sure it is."""
+    parts = [f"objective: {final['aggregate']} (references: "
+             + ", ".join(f"{t} {v:.3f}" for t, v in final["references"].items()) + ")"]
+    gap = final.get("gap")
+    if gap:
+        verdict = "beats" if gap["beats"] else "does not clearly beat"
+        parts.append(f"best found {verdict} {gap['vs']}: {gap['value']:+.3f}, 95% paired bootstrap interval "
+                     f"[{gap['low']:+.3f}, {gap['high']:+.3f}] ({gap['resamples']} resamples of the report items)")
+    return "; ".join(parts)
 
 
-def publish_holdout(study, study_cfg, trial, held: dict) -> None:
+def _search_table(study, study_cfg, tasks: list[str]) -> Table:
+    rows = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "seed" in t.user_attrs]
+    best = top_trials(study, 1)
+    table = Table(title=f"study {study_cfg.name}: search scores (no held-out comparison)")
+    for column in ("candidate", "trial", *tasks, "objective"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for t in rows + [b for b in best if b.number not in {r.number for r in rows}]:
+        label = t.user_attrs.get("seed", "best found")
+        scores = t.user_attrs.get("scores", {})
+        table.add_row(label, str(t.number), *[f"{scores.get(n, float('nan')):.3f}" for n in tasks],
+                      f"{t.user_attrs.get('score', float('nan')):.3f}")
+    return table
+
+
+def results_markdown(study, study_cfg) -> str:
+    """The results table as Markdown (README-ready): one row per candidate, held-out report half."""
+    final = study.user_attrs.get("final")
+    tasks = [t.name for t in study_cfg.evaluation.tasks]
+    if not final or not final.get("rows"):
+        return ""
+    lines = ["| candidate | " + " | ".join(tasks) + " | mean | normalized | worst | search |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for row in final["rows"]:
+        stats = {k: f"{row[k]:.3f}" for k in ("mean", "normalized", "worst")}
+        stats[final["aggregate"]] = f"**{stats[final['aggregate']]}**"
+        search = row.get("search_score")
+        lines.append(f"| {row['label']} | " + " | ".join(f"{row['scores'].get(t, float('nan')):.3f}" for t in tasks)
+                     + f" | {stats['mean']} | {stats['normalized']} | {stats['worst']} | "
+                     + (f"{search:.3f}" if search is not None else "-") + " |")
+    return "\n".join(lines) + "\n\n" + final_caption(final) + "\n"
+
+
+def publish_holdout(study, study_cfg, trial, found: dict) -> None:
     """Make the held-out winner visible to Optuna tools: study user attributes (optuna-dashboard's "Study User
     Attributes" panel, `optuna studies`) and, when optuna-dashboard is installed, the study's note."""
-    line = (f"trial {trial.number}: held-out {held['score']:.4f} (search {trial.user_attrs.get('score', float('nan')):.4f})"
-            + "; " + ", ".join(f"{k} {v:.3f}" for k, v in held["scores"].items()))
+    line = (f"trial {trial.number}: held-out {found['value']:.4f} (report half; search "
+            f"{trial.user_attrs.get('score', float('nan')):.4f}); "
+            + ", ".join(f"{k} {v:.3f}" for k, v in found["scores"].items()))
     study.set_user_attr("holdout_winner_summary", line)
     try:
         from optuna_dashboard import save_note   # an optional extra
     except ImportError:
         return
-    save_note(study, f"## Held-out winner: trial {trial.number}\n\n{line}\n\n" + holdout_markdown(study, study_cfg)
+    save_note(study, f"## Held-out winner: trial {trial.number}\n\n{line}\n\n" + results_markdown(study, study_cfg)
               + "\nExported as best_config.yaml (`mergesearch export` rebuilds it from this storage).\n")

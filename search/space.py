@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merge_core.architectures import find_architecture
-from merge_core.config import FilteredValue, MergeConfig, Setting, load_config
+from merge_core.config import FilteredValue, MergeConfig, Setting, load_config, parse_config
 from merge_core.methods import get_method
 from search import StudyError
 from search.study import StudyConfig
@@ -157,12 +157,32 @@ class SearchSpace:
                 spec.default, bool) else (low + high) / 2
         return out
 
-    def seed_genomes(self) -> list[tuple[str, dict[str, float]]]:
-        """Named seed trials: each parent alone (where the method can express it), uniform, defaults."""
+    def parent_genomes(self) -> list[tuple[str, dict[str, float]]] | None:
+        """Each searched model alone, as a genome of this space (t at 0 and 1; weight 1 on it and 0 on the others,
+        density 1), when the bounds allow exactly that; else None."""
+        parents = [(label, genome) for label, genome in self.seed_genomes(("parents",))]
+        exact = parents and all(self.clip(genome) == genome and self._unclipped(genome) for _, genome in parents)
+        return parents if exact else None
+
+    def _unclipped(self, genome: dict[str, float]) -> bool:
+        wanted = {"t": (0.0, 1.0), "weight": (0.0, 1.0), "density": (1.0,)}
+        return all(genome[g.name] in wanted.get(g.param, (genome[g.name],)) for g in self.genes)
+
+    def parent_config(self, m: int) -> MergeConfig:
+        """Model `m` alone as a config (linear, weight 1): the parent where the space cannot express it."""
+        merge = self.study.merge_raw
+        raw = {"merge_method": "linear", "models": [{"model": self.model_refs[m], "parameters": {"weight": 1.0}}]}
+        raw.update({k: merge[k] for k in ("dtype", "out_dtype", "tokenizer_source") if merge.get(k)})
+        return parse_config(raw, where=f"parent {self.model_refs[m]}", base_dir=self.study.base_dir)
+
+    def seed_genomes(self, kinds: tuple[str, ...] | None = None) -> list[tuple[str, dict[str, float]]]:
+        """Named seed trials of the study's `seed_trials` (or of `kinds`): each parent alone (where the method
+        can express it), uniform, defaults, the greedy soup."""
         seeds: list[tuple[str, dict[str, float]]] = []
         params = self.study.space.params
         defaults = self.default_values()
-        if "parents" in self.study.seed_trials:
+        kinds = self.study.seed_trials if kinds is None else kinds
+        if "parents" in kinds:
             if "t" in params and len(self.model_refs) == 2:
                 for i, t in enumerate((0.0, 1.0)):
                     seeds.append((f"parent {_short(self.model_refs[i])}", self.constant({**defaults, "t": t})))
@@ -170,13 +190,13 @@ class SearchSpace:
                 for m in self.searched_models:
                     base = {**defaults, "weight": 0.0, "density": 1.0}
                     seeds.append((f"parent {_short(self.model_refs[m])}", self.constant(base, {m: {"weight": 1.0}})))
-        if "uniform" in self.study.seed_trials:
+        if "uniform" in kinds:
             uniform = {**defaults, "weight": 1.0 if self._normalizes() else 1.0 / max(1, len(self.searched_models)),
                        "t": 0.5}
             seeds.append(("uniform", self.constant(uniform)))
-        if "defaults" in self.study.seed_trials:
+        if "defaults" in kinds:
             seeds.append(("defaults", self.constant(defaults)))
-        if "soup" in self.study.seed_trials and "weight" in params:
+        if "soup" in kinds and "weight" in params:
             seeds.append(("greedy soup", self.soup_genome(defaults)))
         unique, seen = [], set()
         for label, genome in seeds:

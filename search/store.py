@@ -39,7 +39,8 @@ SAMPLERS = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSam
             "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler,
             "random": optuna.samplers.RandomSampler}
 PRUNERS = {"wilcoxon": optuna.pruners.WilcoxonPruner, "median": optuna.pruners.MedianPruner,
-           "halving": optuna.pruners.SuccessiveHalvingPruner, "none": optuna.pruners.NopPruner}
+           "halving": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner,
+           "none": optuna.pruners.NopPruner}
 SAMPLER_DEFAULTS = {"tpe": {"multivariate": True}}
 PRUNER_DEFAULTS = {"wilcoxon": {"p_threshold": 0.1}, "median": {"n_startup_trials": 5}}
 

@@ -15,7 +15,10 @@ from evaluators.tasks import parse_evaluation_block
 from merge_core import MergeConfigError
 from merge_core.config import parse_config, read_yaml_mapping, resolve_path
 from search import StudyError, store
+from search.compare import AGGREGATES
 
+DEFAULT_AGGREGATE = "normalized"     # chosen by measurement: README, "Choosing the objective"
+DEFAULT_EVERY = 16                   # items per task between pruner reports
 SAMPLERS = tuple(store.SAMPLERS)
 PRUNERS = tuple(store.PRUNERS)
 FILTER_GROUPS_DEFAULT = ("self_attn", "mlp")
@@ -63,6 +66,7 @@ class SamplerConfig:
 class PrunerConfig:
     name: str = "none"
     options: dict = field(default_factory=dict)
+    every: int | None = None     # items per task between two pruner reports (None: no pruning, one chunk per task)
 
 
 @dataclass
@@ -81,6 +85,8 @@ class StudyConfig:
     trials: int | None
     timeout: float | None
     multi_objective: bool = False
+    aggregate: str = DEFAULT_AGGREGATE   # how task scores make the objective: mean | normalized | worst
+    baselines: bool = True               # score the plain merges at the end (final.baselines)
     seed_trials: tuple[str, ...] = ("parents", "uniform", "defaults")
     top_k: int = 5
     device: str = "auto"
@@ -212,6 +218,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     s_name, s_opts = parse_named(data.get("sampler"), "sampler", SAMPLERS, "tpe", f"{where}: ")
     s_seed = integer(s_opts.pop("seed", seed), f"{where}: sampler.seed")
     p_name, p_opts = parse_named(data.get("pruner"), "pruner", PRUNERS, "none", f"{where}: ")
+    every = integer(p_opts.pop("every", DEFAULT_EVERY), f"{where}: pruner.every", 1) if p_name != "none" else None
     # Built once here, thrown away: a typo in an option or a bad value is found before anything is created.
     store.make_sampler(s_name, s_seed, s_opts, f"{where}: sampler")
     store.make_pruner(p_name, p_opts, f"{where}: pruner")
@@ -221,8 +228,11 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
         raise StudyError("trials must be a positive integer", f"{where}: budget.trials")
     objective = _mapping(data.get("objective"), f"{where}: objective")
-    _reject_unknown(objective, {"multi"}, f"{where}: objective")
+    _reject_unknown(objective, {"multi", "aggregate"}, f"{where}: objective")
     multi = boolean(objective.get("multi", s_name == "nsga2"), f"{where}: objective.multi")
+    how = objective.get("aggregate", DEFAULT_AGGREGATE)
+    if how not in AGGREGATES:
+        raise StudyError(f"unknown aggregate {how!r} (one of: {', '.join(AGGREGATES)})", f"{where}: objective.aggregate")
     if multi and p_name != "none":
         raise StudyError("pruning is not available for multi-objective studies (set pruner: none)",
                          f"{where}: pruner")
@@ -239,7 +249,7 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     if soup_path and not soup_path.is_file():
         raise StudyError(f"file not found: {soup_config}", f"{where}: soup_config")
     final = _mapping(data.get("final"), f"{where}: final")
-    _reject_unknown(final, {"top_k"}, f"{where}: final")
+    _reject_unknown(final, {"top_k", "baselines"}, f"{where}: final")
     top_k = final.get("top_k", 5)
     if not isinstance(top_k, bool) and isinstance(top_k, int) and top_k < 1:
         raise StudyError(f"must be at least 1, got {top_k} (to skip the held-out check, set evaluation.holdout: 0)",
@@ -254,7 +264,8 @@ def parse_study(data: Any, path: Path) -> StudyConfig:
     return StudyConfig(
         name=name, path=path.absolute(), output_dir=output_dir, merge=merge, merge_raw=merge_raw,
         space=parse_space(data.get("space"), f"{where}: space"), evaluation=evaluation,
-        sampler=SamplerConfig(s_name, s_seed, s_opts), pruner=PrunerConfig(p_name, p_opts),
+        sampler=SamplerConfig(s_name, s_seed, s_opts), pruner=PrunerConfig(p_name, p_opts, every),
+        aggregate=how, baselines=boolean(final.get("baselines", True), f"{where}: final.baselines"),
         trials=trials, timeout=parse_duration(budget.get("timeout"), f"{where}: budget.timeout"),
         multi_objective=multi, seed_trials=tuple(seeds), top_k=top_k, device=device, storage=storage, seed=seed,
         soup_config=soup_path)

@@ -86,7 +86,7 @@ def test_parent_seed_reproduces_the_parent(zoo, tmp_path):
     ({"space": {"params": {"weight": [1, 0]}}}, "space.params.weight"),
     ({"space": {"params": {"weight": [0, 1]}, "granularity": "rows"}}, "space.granularity"),
     ({"sampler": {"name": "annealing"}}, "sampler"),
-    ({"pruner": {"name": "hyperband"}}, "pruner"),
+    ({"pruner": {"name": "patience"}}, "pruner"),
     ({"budget": {"trials": 0}}, "budget.trials"),
     ({"budget": {"timeout": "eight hours"}}, "budget.timeout"),
     ({"colour": "blue"}, "colour"),

@@ -100,6 +100,12 @@ def search_summary(study_cfg, study, storage_url: str | None) -> dict:
                            "search_scores": best.user_attrs.get("scores", {}),
                            "holdout_score": held.get(best.number, {}).get("score"),
                            "holdout_scores": held.get(best.number, {}).get("scores")}
+    final = study.user_attrs.get("final")
+    if final:
+        summary["comparison"] = {"aggregate": final["aggregate"], "references": final["references"],
+                                 "items": final["items"], "gap": final.get("gap"),
+                                 "rows": [{k: row[k] for k in ("label", "kind", "trial", "scores", "value", "mean",
+                                                                 "normalized", "worst")} for row in final["rows"]]}
     return summary
 
 

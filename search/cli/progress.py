@@ -28,7 +28,8 @@ def _fmt_seconds(s: float | None) -> str:
 class SearchProgress:
     """A rich live panel when `live` and stderr is a terminal; one log line per trial otherwise."""
 
-    def __init__(self, live: bool = True, console: Console | None = None):
+    def __init__(self, live: bool = True, console: Console | None = None, show_summary: bool = True):
+        self.show_summary = show_summary
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.live_enabled = live and self.console.is_terminal
         self._live: Live | None = None
@@ -122,4 +123,6 @@ class SearchProgress:
 
     # ---- the end ----------------------------------------------------------------------------------
     def summary(self, study, study_cfg) -> None:
+        if not self.show_summary:
+            return
         self.console.print(summary_table(study, study_cfg))

@@ -1,0 +1,133 @@
+"""What a study optimizes and how its result is judged: the aggregate of task scores over per-task references,
+pruning inside tasks (chunked evaluation), and the held-out comparison against the plain merges with a winner
+picked on one half of the held-out items and reported on the other, with a paired bootstrap interval."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import yaml
+from studyfiles import write_study
+
+from search.compare import Candidate, aggregate, bootstrap_gap, results_table
+from search.loop import open_study, references_of, run_search
+from search.space import SearchSpace
+from search.study import load_study
+
+WEIGHTS = {"a": 1.0, "b": 1.0}
+REFS = {"a": 0.5, "b": 1.0}
+
+
+def test_aggregates():
+    scores = {"a": 0.25, "b": 0.9}
+    assert aggregate(scores, "mean", WEIGHTS) == pytest.approx(0.575)
+    assert aggregate(scores, "normalized", WEIGHTS, REFS) == pytest.approx((0.5 + 0.9) / 2)
+    assert aggregate(scores, "worst", WEIGHTS, REFS) == pytest.approx(0.5)       # a kept half as well as its parent
+    assert aggregate(scores, "normalized", {"a": 0.0, "b": 1.0}, REFS) == pytest.approx(0.9)   # weight 0: ignored
+    assert math.isnan(aggregate({}, "mean", WEIGHTS))
+
+
+def _candidate(label: str, kind: str, a: list[float], b: list[float], trial=None) -> Candidate:
+    return Candidate(label, kind, {"a": {f"a{i}": v for i, v in enumerate(a)}, "b": {f"b{i}": v for i, v in enumerate(b)}},
+                     trial)
+
+
+def test_bootstrap_gap_of_a_clear_winner_excludes_zero_and_of_a_tie_does_not():
+    n = 60
+    strong = _candidate("found", "found", [1.0] * n, [1.0] * (n - 5) + [0.0] * 5)
+    weak = _candidate("plain", "plain", [1.0] * 10 + [0.0] * (n - 10), [1.0] * (n - 5) + [0.0] * 5)
+    half = {"a": {f"a{i}": 0 for i in range(n)}.keys(), "b": {f"b{i}": 0 for i in range(n)}.keys()}
+    half = {t: set(v) for t, v in half.items()}
+    gap, low, high = bootstrap_gap(strong, weak, half, "mean", WEIGHTS, REFS, resamples=500)
+    assert low <= gap <= high and low > 0
+    gap, low, high = bootstrap_gap(weak, weak, half, "mean", WEIGHTS, REFS, resamples=200)
+    assert gap == 0 and low <= 0 <= high
+
+
+def test_winner_is_picked_on_one_half_and_reported_on_the_other():
+    """Two trials: one lucky on the select half only. The winner is the one that is better there; its reported
+    score is its report-half score, not the one that picked it."""
+    n = 40
+    ids = [f"a{i}" for i in range(n)]
+    report = set(ids[::2]) | {f"b{i}" for i in range(0, n, 2)}
+    lucky = _candidate("found", "found", [1.0 if i % 2 else 0.0 for i in range(n)], [0.5] * n, trial=1)
+    steady = _candidate("found", "found", [0.6] * n, [0.5] * n, trial=2)
+    parent = _candidate("parent x", "parent", [0.5] * n, [1.0] * n, trial=0)
+    table = results_table([parent], [lucky, steady], "mean", WEIGHTS, REFS, report)
+    assert table["winner"] == 1                                  # 1.0 on the select half (odd items)
+    found = next(r for r in table["rows"] if r["kind"] == "found")
+    assert found["scores"]["a"] == 0.0 and found["extra"]["select_value"] == pytest.approx(0.75)
+    assert table["gap"]["vs"] == "parent x" and table["gap"]["value"] < 0 and not table["gap"]["beats"]
+
+
+def test_references_are_measured_once_stored_and_overridable(zoo, tmp_path, monkeypatch):
+    from search import objective
+
+    calls = []
+    original = objective.TrialRunner.measure_references
+    monkeypatch.setattr(objective.TrialRunner, "measure_references",
+                        lambda self: calls.append(1) or original(self))
+    path = write_study(tmp_path, zoo, trials=5, sampler="random", extra={"final": {"baselines": False}})
+    cfg = load_study(path)
+    assert run_search(cfg, trials=5, timeout=None) == 0
+    assert run_search(cfg, trials=7, timeout=None) == 0          # resumed: the stored references are used
+    assert len(calls) == 1
+    study = open_study(cfg, space=SearchSpace(cfg))
+    measured = study.user_attrs["references"]["measured"]
+    parents = {t.user_attrs["seed"]: t.user_attrs["scores"] for t in study.trials
+               if str(t.user_attrs.get("seed", "")).startswith("parent")}
+    for task in ("add", "rev"):                                   # the best parent's search score per task
+        assert measured[task] == pytest.approx(max(s[task] for s in parents.values()))
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            expected = aggregate(t.user_attrs["scores"], "normalized", {"add": 1.0, "rev": 1.0}, measured)
+            assert t.user_attrs["score"] == pytest.approx(expected) and t.value == pytest.approx(expected)
+    data = yaml.safe_load(path.read_text())                      # a task's own `reference:` wins
+    data["evaluation"]["tasks"][0]["reference"] = 0.5
+    path.write_text(yaml.safe_dump(data))
+    assert references_of(study, load_study(path)) == {"add": 0.5, "rev": measured["rev"]}
+
+
+def test_pruning_stops_trials_inside_a_task_and_never_a_seed(zoo, tmp_path):
+    """Chunks of 4 items, the tasks taking turns: the median pruner acts after every chunk, so a bad trial stops
+    before it has seen all of its first task's items; the seed trials report but always run to the end."""
+    path = write_study(tmp_path, zoo, trials=14, sampler="random", n_items=48,
+                       extra={"pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0, "every": 4},
+                              "final": {"baselines": False}})
+    cfg = load_study(path)
+    assert run_search(cfg, trials=14, timeout=None) == 0
+    study = open_study(cfg, space=SearchSpace(cfg))
+    chunks = max(len(t.intermediate_values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert chunks >= 8
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [t.state for t in study.trials]
+    assert min(len(t.intermediate_values) for t in pruned) <= 2      # stopped in the first round of chunks
+    seeds = [t for t in study.trials if "seed" in t.user_attrs]
+    assert seeds and all(t.state == optuna.trial.TrialState.COMPLETE for t in seeds)
+    assert all(len(t.intermediate_values) == chunks for t in seeds)
+
+
+def test_the_final_comparison_has_every_plain_merge_and_an_interval(zoo, tmp_path):
+    path = write_study(tmp_path, zoo, trials=6, sampler="random", n_items=40, extra={"objective": {"aggregate": "worst"}})
+    cfg = load_study(path)
+    assert run_search(cfg, trials=6, timeout=None) == 0
+    study = open_study(cfg, space=SearchSpace(cfg))
+    final = study.user_attrs["final"]
+    labels = [row["label"] for row in final["rows"]]
+    assert labels[:2] == ["parent ft_add", "parent ft_reverse"] and labels[-1] == "best found"
+    for plain in ("linear (average)", "task arithmetic (w=1)", "ties (defaults: w=1, d=1)", "ties (w=1, d=0.5)",
+                  "dare_ties (w=1, d=0.5)"):
+        assert plain in labels, labels
+    assert any(label.startswith("task arithmetic (best w") for label in labels)
+    found = final["rows"][-1]
+    assert found["value"] == pytest.approx(found["worst"]) and final["aggregate"] == "worst"
+    gap = final["gap"]
+    assert gap["low"] <= gap["value"] <= gap["high"] and gap["vs"] in labels
+    assert final["winner"] == study.user_attrs["holdout_winner"]
+    held = study.user_attrs["holdout"][str(final["winner"])]["items"]
+    for task, items in held.items():                              # two halves of the held-out items
+        assert final["items"]["select"][task] + final["items"]["report"][task] == len(items)
+    header = (cfg.output_dir / "best_config.yaml").read_text()
+    assert "report half" in header and "95% interval" in header
