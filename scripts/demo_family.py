@@ -60,13 +60,28 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2        # 2: built with pinned CPU kernels (PINNED_KERNELS)
-# The build trains in a process whose CPU kernels are pinned: ATen's baseline (no AVX) kernels, MKL's conditional
-# numerical reproducibility, oneDNN at SSE4.1, one thread. Without it, the bytes (and the demo's numbers) depend
-# on the CPU: three builds on one machine with ATEN_CPU_CAPABILITY=default, avx2 and avx512 gave three different
-# families. With it they are identical, and so is a build with MKL told to use SSE4.2, AVX2 or AVX-512.
-PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FORMAT_VERSION = 2        # 2: built with pinned CPU kernels (pinned_kernels())
+
+
+def pinned_kernels() -> dict[str, str]:
+    """The CPU kernels the build trains with, the same on every x86-64 CPU with AVX2 (Intel since 2013, AMD since
+    2015): ATen's AVX2 kernels, MKL's conditional numerical reproducibility on its AVX2 branch, oneDNN at AVX2,
+    one thread. Without pinning, the bytes (and the demo's numbers) depend on the CPU: builds on one machine with
+    ATEN_CPU_CAPABILITY=default, avx2 and avx512 gave three different families. A CPU without AVX2 builds with
+    the baseline kernels (and MKL's compatible branch): a family of its own, the same on every such CPU."""
+    avx2 = _cpu_flags() >= {"avx2", "fma"}
+    return {"ATEN_CPU_CAPABILITY": "avx2" if avx2 else "default", "MKL_CBWR": "AVX2" if avx2 else "COMPATIBLE",
+            "ONEDNN_MAX_CPU_ISA": "AVX2" if avx2 else "SSE41", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 MANIFEST = "manifest.json"
 KIND = "mergesearch-demo-family"
 
@@ -413,6 +428,8 @@ def is_complete(out_dir: Path, quick: bool = False, verify_hash: bool = True) ->
     plan = plan_for(quick)
     if not manifest or manifest.get("plan_hash") != plan.plan_hash() or manifest.get("format_version") != FORMAT_VERSION:
         return False
+    if manifest.get("kernels") != pinned_kernels():          # built for another kind of CPU
+        return False
     if not all((Path(out_dir) / f).is_file() for f in manifest.get("files", [])):
         return False
     return not verify_hash or content_hash(out_dir) == manifest.get("content_hash")
@@ -488,19 +505,19 @@ def build_demo_family(out_dir: Path, quick: bool = False, force: bool = False, t
 
 
 def kernels_pinned() -> bool:
-    """Whether this process runs with PINNED_KERNELS (they take effect only if set before torch starts)."""
-    return all(os.environ.get(key) == value for key, value in PINNED_KERNELS.items())
+    """Whether this process runs with pinned_kernels() (they take effect only if set before torch starts)."""
+    return all(os.environ.get(key) == value for key, value in pinned_kernels().items())
 
 
 def _build_pinned(out_dir: Path, quick: bool, force: bool) -> dict[str, Any]:
-    """Run the build in a fresh process with PINNED_KERNELS (scripts/build_demo_models.py); its log goes to our
+    """Run the build in a fresh process with pinned_kernels() (scripts/build_demo_models.py); its log goes to our
     stderr. Returns the manifest; a refusal (not a demo build) is a ValueError, as in-process."""
     import subprocess
     import sys
 
     script = Path(__file__).with_name("build_demo_models.py")
     args = [sys.executable, str(script), "--out", str(out_dir)] + ["--quick"] * quick + ["--force"] * force
-    proc = subprocess.run(args, env={**os.environ, **PINNED_KERNELS}, stdout=subprocess.PIPE, stderr=None,
+    proc = subprocess.run(args, env={**os.environ, **pinned_kernels()}, stdout=subprocess.PIPE, stderr=None,
                           text=True)
     if proc.returncode == 2:
         raise ValueError(f"{out_dir}: exists and is not a demo build; refusing to replace it")
@@ -601,7 +618,7 @@ def _build_steps(root: Path, plan: DemoPlan) -> dict[str, Any]:
         "final_train_loss": {k: round(v, 6) for k, v in losses.items()},
         "seconds": {k: round(v, 2) for k, v in {**timings, "total": time.perf_counter() - t_start}.items()},
         "torch_threads": torch.get_num_threads(),
-        "kernels": {key: os.environ.get(key) for key in PINNED_KERNELS},
+        "kernels": {key: os.environ.get(key) for key in pinned_kernels()},
         "versions": _versions(),
         "files": files,
         "content_hash": content_hash(root),

@@ -143,7 +143,7 @@ def test_interrupted_build_is_not_complete(tmp_path, monkeypatch):
         return original(model, tok, path)
 
     monkeypatch.setattr(toy, "save_model", dying_save)
-    for key, value in dm.PINNED_KERNELS.items():        # build in this process (where save_model is patched)
+    for key, value in dm.pinned_kernels().items():      # build in this process (where save_model is patched)
         monkeypatch.setenv(key, value)
     with pytest.raises(KeyboardInterrupt):
         dm.build_demo_family(out, quick=True)
@@ -196,7 +196,7 @@ def test_builds_pin_the_cpu_kernels(quick, tmp_path):
                          timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     assert dm.read_manifest(other)["content_hash"] == dm.read_manifest(quick)["content_hash"]
-    assert dm.read_manifest(quick)["kernels"] == dm.PINNED_KERNELS
+    assert dm.read_manifest(quick)["kernels"] == dm.pinned_kernels()
 
 
 def test_cli_wrapper(quick, tmp_path):
