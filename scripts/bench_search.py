@@ -5,8 +5,14 @@
    as a fraction of that wall time (ask/tell, storage writes, best-config export, pruner bookkeeping).
 2. Sample efficiency: how many trials cmaes and tpe need to reach the best score that random search
    reaches with 4x as many trials (median over seeds).
+3. `--fidelity PRUNER[:EVERY],...`: time to the same held-out score. A run without pruning and runs with each
+   pruner (the same study, sampler, seed and trial budget); for each pruned run, the wall-clock time until its
+   best trial so far (by search score) first scores, on the held-out items, within one standard error of the
+   unpruned run's final best, as a fraction of the unpruned run's time; trials per hour of each run; the final
+   held-out scores with their standard errors.
 
 Usage: python scripts/bench_search.py [--study studies/demo.yaml] [--trials 25] [--seeds 3] [--out F.json]
+       python scripts/bench_search.py --fidelity wilcoxon:16,hyperband:16 --trials 150 [--sampler cmaes]
 Runs in a temporary folder; the study's own output folder is never touched.
 """
 
@@ -28,38 +34,112 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | None, folder: Path) -> dict:
-    """One in-process run of `trials` trials; returns per-trial scores and the loop timing."""
+def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | None, folder: Path,
+        every: int | None = None, keep: bool = False) -> dict:
+    """One in-process run of `trials` trials (no seed trials); returns per-trial scores and the loop timing
+    (with `keep`, also the study, its config and the runner, for held-out evaluations)."""
     import dataclasses
 
     import optuna
 
-    from search.loop import Budget, open_study, run_worker
+    from search.loop import Budget, ensure_references, open_study, run_worker
+    from search.objective import TrialRunner
     from search.space import SearchSpace
     from search.study import PrunerConfig, SamplerConfig, load_study
 
     cfg = load_study(study_path)
-    cfg = dataclasses.replace(cfg, name=f"bench-{sampler}-{seed}", output_dir=folder / f"{sampler}-{seed}",
-                              sampler=SamplerConfig(sampler, seed, {}),
-                              pruner=PrunerConfig(pruner or cfg.pruner.name, cfg.pruner.options),
-                              seed_trials=())
+    name = pruner or cfg.pruner.name
+    options = cfg.pruner.options if name == cfg.pruner.name else {}
+    cfg = dataclasses.replace(cfg, name=f"bench-{sampler}-{seed}-{name}", output_dir=folder / f"{sampler}-{seed}-{name}",
+                              sampler=SamplerConfig(sampler, seed, dict(cfg.sampler.options) if sampler == cfg.sampler.name
+                                                    else {}),
+                              pruner=PrunerConfig(name, options, None if name == "none" else (every or 16)),
+                              seed_trials=(), baselines=False)
     space = SearchSpace(cfg)
     study = open_study(cfg, space=space)
+    runner = TrialRunner(cfg, space, device="cpu")
+    runner.references = ensure_references(study, cfg, lambda: runner)
     stamps: list[float] = []
     t_setup = time.perf_counter()
     run_worker(cfg, None, Budget(trials, None), "cpu", threading.Event(),
-               on_trial=lambda s, t: stamps.append(time.time()))
+               on_trial=lambda s, t: stamps.append(time.time()), runner=runner, study=study)
     total = time.perf_counter() - t_setup
     done = study.get_trials(deepcopy=False)
     first_start = min(t.datetime_start.timestamp() for t in done if t.datetime_start)
     loop_wall = stamps[-1] - first_start
     work = sum(t.user_attrs.get("merge_s", 0) + t.user_attrs.get("eval_s", 0) for t in done)
     scores = [t.user_attrs.get("score") if t.state == optuna.trial.TrialState.COMPLETE else None for t in done]
-    return {"sampler": sampler, "seed": seed, "trials": len(done), "scores": scores,
-            "loop_wall_s": loop_wall, "merge_eval_s": work, "setup_and_loop_s": total,
-            "overhead_fraction": (loop_wall - work) / loop_wall if loop_wall > 0 else None,
-            "merge_s_median": statistics.median(t.user_attrs.get("merge_s", 0) for t in done),
-            "eval_s_median": statistics.median(t.user_attrs.get("eval_s", 0) for t in done)}
+    out = {"sampler": sampler, "seed": seed, "pruner": name, "every": cfg.pruner.every, "trials": len(done),
+           "scores": scores, "loop_wall_s": loop_wall, "merge_eval_s": work, "setup_and_loop_s": total,
+           "overhead_fraction": (loop_wall - work) / loop_wall if loop_wall > 0 else None,
+           "merge_s_median": statistics.median(t.user_attrs.get("merge_s", 0) for t in done),
+           "eval_s_median": statistics.median(t.user_attrs.get("eval_s", 0) for t in done),
+           "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in done),
+           "trials_per_hour": 3600 * len(done) / loop_wall if loop_wall > 0 else None}
+    if keep:
+        out.update(study=study, cfg=cfg, runner=runner, space=space, first_start=first_start)
+    return out
+
+
+def incumbents(study) -> list[tuple[float, object]]:
+    """(seconds since the first trial started, trial) each time the best completed trial by search score
+    changes, in completion order."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    done.sort(key=lambda t: t.datetime_complete)
+    out, best = [], None
+    for t in done:
+        if best is None or t.user_attrs["score"] > best.user_attrs["score"]:
+            best = t
+            out.append((t.datetime_complete.timestamp(), t))
+    return out
+
+
+def held_out(run_: dict, trial) -> tuple[float, float]:
+    """(objective, standard error) of a trial on the held-out items; the SE from per-task standard errors
+    propagated through the aggregate (as a weighted mean; for `worst`, the worst task's)."""
+    import math
+
+    runner, space, cfg = run_["runner"], run_["space"], run_["cfg"]
+    result, _, _ = runner.evaluate(space.config(trial.params), "holdout")
+    scores = {t.name: t.score for t in result.tasks}
+    refs = runner.references
+    scale = {t.name: (1.0 if cfg.aggregate == "mean" else 1.0 / refs[t.name]) for t in result.tasks}
+    if cfg.aggregate == "worst":
+        worst = min(result.tasks, key=lambda t: t.score * scale[t.name])
+        se = worst.stderr * scale[worst.name]
+    else:
+        se = math.sqrt(sum((t.stderr * scale[t.name]) ** 2 for t in result.tasks)) / len(result.tasks)
+    return runner.value(scores), se
+
+
+def fidelity(args, folder: Path) -> dict:
+    """Time to the unpruned run's held-out score, for each pruner in --fidelity."""
+    base = run(args.study, args.sampler, 0, args.trials, "none", folder, keep=True)
+    base_steps = incumbents(base["study"])
+    target, target_se = held_out(base, base_steps[-1][1])
+    out = {"study": str(args.study), "sampler": args.sampler, "trials": args.trials,
+           "unpruned": {"wall_s": base["loop_wall_s"], "trials_per_hour": base["trials_per_hour"],
+                        "final_holdout": target, "final_holdout_se": target_se,
+                        "best_trial": base_steps[-1][1].number}, "pruned": []}
+    for spec in args.fidelity.split(","):
+        name, _, every = spec.partition(":")
+        r = run(args.study, args.sampler, 0, args.trials, name, folder, every=int(every) if every else None, keep=True)
+        reached, last = None, (None, None)
+        for stamp, trial in incumbents(r["study"]):
+            value, se = held_out(r, trial)
+            last = (value, se)
+            if reached is None and value >= target - target_se:
+                reached = stamp - r["first_start"]
+        out["pruned"].append({
+            "pruner": name, "every": r["every"], "wall_s": r["loop_wall_s"], "pruned_trials": r["pruned"],
+            "trials_per_hour": r["trials_per_hour"], "time_to_unpruned_holdout_s": reached,
+            "fraction_of_unpruned_time": reached / base["loop_wall_s"] if reached is not None else None,
+            "target_met": reached is not None and reached <= base["loop_wall_s"] / 3,
+            "final_holdout": last[0], "final_holdout_se": last[1],
+            "final_within_one_se": last[0] is not None and last[0] >= target - target_se})
+    return out
 
 
 def trials_to_reach(scores: list[float | None], target: float) -> int | None:
@@ -78,11 +158,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=25, help="budget N of the model-based samplers")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samplers", default="cmaes,tpe")
+    parser.add_argument("--fidelity", default=None, metavar="PRUNER[:EVERY],...",
+                        help="measure time to the unpruned held-out score for these pruners (e.g. wilcoxon:16)")
+    parser.add_argument("--sampler", default="cmaes", help="the sampler of the --fidelity runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    if args.fidelity:
+        with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+            result = fidelity(args, Path(tmp))
+        return emit(result, args.out)
     result: dict = {"study": str(args.study), "trials": args.trials, "random_trials": 4 * args.trials,
                     "seeds": args.seeds, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
@@ -112,10 +199,14 @@ def main() -> None:
                 "trials_to_reach_random_4N_best": needed,   # None: not reached within 4N trials
                 "median": median if median != float("inf") else None,
                 "target_met": median <= args.trials}
+    emit(result, args.out)
+
+
+def emit(result: dict, out: Path | None) -> None:
     text = json.dumps(result, indent=2, default=str)
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    if out:
+        out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ a short warm-up, loss on the answer tokens only, float32, deterministic (fixed s
 
     base/                         the converted model (scripts/real_model.py)
     data/{skill}_train.jsonl      training pairs {prompt, answer}
-    tasks/{skill}.jsonl           evaluation items (the study's holdout fraction splits them search/held-out)
+    tasks/{skill}.jsonl           160 evaluation items; the first 48 are also tasks/{skill}_search.jsonl (a search
+                                  scores every candidate on those)
+    tasks/{skill}_test.jsonl      240 held-out items (never in training nor in the search items): the final
+                                  comparison picks the winner on one half and reports every row on the other
     specialists/{skill}/          the fine-tunes (517 MB each) + train_log.json
     checkpoints/math/checkpoint-N intermediate checkpoints of the math run (the soup's ingredients)
     studies/*.yaml                generated studies; runs/ their run folders
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -187,7 +189,9 @@ SKILLS = {
     "french": Skill("french", partial(generated_row, french_example), partial(generated_item, french_example),
                     "generate", steps=96, lr=2e-4, max_new_tokens=12),
 }
-N_TASK, N_TEST = 160, 100
+N_TASK, N_TEST = 160, 240
+SEARCH_ITEMS = 48       # of the N_TASK items per skill, the ones a search scores every candidate on
+SEARCH_TRIALS = 100
 
 
 def _key(skill: Skill, row: dict) -> str:
@@ -233,12 +237,15 @@ def make_data(cache: Path, force: bool | set[str] = False) -> dict:
                     rows.append(row)
             _write_jsonl(train_path, rows)
             _write_jsonl(task_path, items)
-        if redo or not test_path.is_file():
+        if redo or not test_path.is_file() or len(_read_jsonl(test_path)) != N_TEST:
             exclude = {r["prompt"] for r in _read_jsonl(train_path)}
             exclude |= {_key(skill, r) for r in _read_jsonl(task_path)}
             _write_jsonl(test_path, _fresh_items(skill, random.Random(3000 + i), N_TEST, exclude, f"{skill.name}-test"))
+        search_path = cache / "tasks" / f"{skill.name}_search.jsonl"
+        _write_jsonl(search_path, _read_jsonl(task_path)[:SEARCH_ITEMS])
         rows, items, test = (_read_jsonl(p) for p in (train_path, task_path, test_path))
         out[skill.name] = {"train": str(train_path), "task": str(task_path), "test": str(test_path),
+                           "search": str(search_path),
                            "train_rows": len(rows), "distinct_train_prompts": len({r["prompt"] for r in rows}),
                            "task_items": len(items), "test_items": len(test)}
     return out
@@ -330,73 +337,56 @@ def _save(model, tokenizer, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(model_dir: Path, cache: Path, split: str = "holdout", threads: int = 2) -> dict:
-    """Scores of one model folder on every task's `split` items (the study's holdout split)."""
+    """Scores of one model folder on every task's `split` items (search, holdout or all)."""
     import torch
 
+    from evaluators.suite import Suite
     from evaluators.tasks import parse_evaluation_block
 
     torch.set_num_threads(threads)
     model, tok = real_model.load(model_dir)
-    evaluation = parse_evaluation_block({"tasks": task_entries(str(cache)), "holdout": HOLDOUT, "seed": 0})
-    return _score(model, tok, evaluation, split)
+    suite = Suite.from_config(parse_evaluation_block({"tasks": task_entries(str(cache)), "seed": 0}), tok,
+                              batch_size=16)
+    return {t.name: round(t.score, 4) for t in suite.evaluate(model, split).tasks}
 
 
-def _score(model, tok, evaluation, split: str) -> dict:
-    from evaluators.native import make_scorer
-    from evaluators.tasks import load_items, select_split
-
-    out = {}
-    for spec in evaluation.tasks:
-        items = load_items(spec)
-        chosen = select_split(items, [it.id for it in items], split=split, holdout=evaluation.holdout,
-                              seed=evaluation.seed, limit=spec.limit)
-        scorer = make_scorer(spec.kind, chosen, tok, name=spec.name, batch_size=16,
-                             max_new_tokens=spec.max_new_tokens)
-        scores = scorer.score(model, list(range(len(chosen))))
-        metric = spec.metric
-        out[spec.name] = round(sum(s[metric] for s in scores) / len(scores), 4)
-    return out
-
-
-HOLDOUT = 0.5
-
-
-# -------------------------------------------------------------------------------------------------- studies
-SEARCH_TRIALS, SEARCH_LIMIT = 150, 40
-
-
-def task_entries(root: str, limit: int | None = None, skills=None) -> list[dict]:
-    """`evaluation.tasks` entries for the skills' task files under `root` (a path string, `~` allowed)."""
+def task_entries(root: str, skills=None, file: str = "{skill}_search", holdout: str | None = "{skill}_test"
+                 ) -> list[dict]:
+    """`evaluation.tasks` entries for the skills under `root` (a path string, `~` allowed): the search items
+    (`file`) and, with `holdout`, a separate held-out file (the final comparison's select and report halves)."""
     out = []
     for skill in (SKILLS[s] for s in (skills or SKILLS)):
-        entry = {"name": skill.name, "kind": skill.kind, "path": f"{root}/tasks/{skill.name}.jsonl"}
+        entry = {"name": skill.name, "kind": skill.kind, "path": f"{root}/tasks/{file.format(skill=skill.name)}.jsonl"}
+        if holdout:
+            entry["holdout_path"] = f"{root}/tasks/{holdout.format(skill=skill.name)}.jsonl"
         if skill.kind == "generate":
             entry["max_new_tokens"] = skill.max_new_tokens
-        if limit:
-            entry["limit"] = limit
         out.append(entry)
     return out
 
 
-def study_dicts(root: str, runs: str, trials: int = SEARCH_TRIALS, limit: int = SEARCH_LIMIT) -> dict[str, dict]:
+def study_dicts(root: str, runs: str, trials: int = SEARCH_TRIALS, aggregate: str | None = None,
+                weight_high: float = 1.0) -> dict[str, dict]:
     """The search study and the soup over `root` (the cache); run folders under `runs`."""
     search = {
         "name": "smollm2-search",
         "output_dir": f"{runs}/smollm2-search",
         "merge": {"merge_method": "ties", "base_model": f"{root}/base",
                   "models": [{"model": f"{root}/specialists/{s}"} for s in SKILLS], "dtype": "float32"},
-        "space": {"granularity": "anchors:4", "params": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}},
-        "evaluation": {"tasks": task_entries(root, limit), "holdout": HOLDOUT, "seed": 0},
+        "space": {"granularity": "anchors:4", "params": {"weight": [0.0, weight_high], "density": [0.1, 1.0]}},
+        "evaluation": {"tasks": task_entries(root), "seed": 0},
         "sampler": {"name": "cmaes", "seed": 0},
-        "pruner": {"name": "none"},   # wilcoxon pruned every parent and the uniform merge: see docs/smollm2_results.md
+        "pruner": {"name": "none"},
         "seed_trials": ["parents", "uniform"],
         "budget": {"trials": trials, "timeout": "12h"},
     }
+    if aggregate:
+        search["objective"] = {"aggregate": aggregate}
     soup = {
         "name": "smollm2-soup",
         "output_dir": f"{runs}/smollm2-soup",
         "checkpoints": [f"{root}/checkpoints/math/checkpoint-*"],
-        "evaluation": {"tasks": task_entries(root, skills=["math"]), "holdout": HOLDOUT, "seed": 0},
+        "evaluation": {"tasks": task_entries(root, skills=["math"], file="{skill}"), "seed": 0},
         "mode": "greedy",
         "strict": True,
         "dtype": "float32",
@@ -408,17 +398,18 @@ STUDY_HEADER = {
     "smollm2_search": """\
 # TIES merge search over three real SmolLM2-135M-Instruct specialists (math, json, french), per-layer
 # (anchors:4 = 4 anchors per model and parameter, interpolated over the 30 layers by mergekit's gradient rule:
-# 24 genes), CMA-ES, no pruning; held-out half of each task never shown to the search.
+# 24 genes), CMA-ES, no pruning. The search scores candidates on 48 items per task; 240 other items per task
+# are held out: the winner is picked on one half of them and every row of the final table reported on the other.
 """,
     "smollm2_soup": """\
 # Greedy soup (Wortsman et al. 2022) over the checkpoints of the math fine-tune of SmolLM2-135M-Instruct;
-# ingredients chosen on one half of the math items, the table reported on the other half.
+# ingredients chosen on the 160 math task items, the table reported on 240 held-out math items.
 """,
 }
 
 
-def write_studies(cache: Path, trials: int = SEARCH_TRIALS, limit: int = SEARCH_LIMIT,
-                  folder: Path | None = None, root: str | None = None, runs: str | None = None) -> dict:
+def write_studies(cache: Path, trials: int = SEARCH_TRIALS, folder: Path | None = None, root: str | None = None,
+                  runs: str | None = None) -> dict:
     """Write the studies. Default: `<cache>/studies/` with absolute paths (runs in `<cache>/runs/`), ready
     to run. With `folder`/`root`/`runs` (e.g. the repo's studies/ with root `~/.cache/mergesearch/smollm2`)
     it writes the committed templates."""
@@ -429,7 +420,7 @@ def write_studies(cache: Path, trials: int = SEARCH_TRIALS, limit: int = SEARCH_
     runs = runs or str(cache / "runs")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, data in study_dicts(root, runs, trials, limit).items():
+    for name, data in study_dicts(root, runs, trials).items():
         path = folder / f"{name}.yaml"
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
         path.write_text(STUDY_HEADER[name] + "# Generated by `python scripts/real_specialists.py studies`"
@@ -453,29 +444,6 @@ def make_family(cache: Path) -> Path:
 
 
 # -------------------------------------------------------------------------------------------------- results
-def _test_evaluation(skills=None, limit: int | None = None):
-    from evaluators.tasks import parse_evaluation_block
-
-    entries = [dict(e, path=e["path"].replace(".jsonl", "_test.jsonl"))
-               for e in task_entries(str(CACHE), limit=limit, skills=skills)]
-    return parse_evaluation_block({"tasks": entries, "holdout": 0.0, "seed": 0})
-
-
-def _merged_scores(configs: dict[str, dict], base_dir: Path, evaluation) -> dict[str, dict]:
-    """Test-set scores of several merge configs of one shape, materialized in turn into one engine."""
-    from merge_core.config import parse_config
-    from merge_core.engine import MergeEngine
-
-    parsed = {k: parse_config(v, where=k, base_dir=base_dir) for k, v in configs.items()}
-    engine = MergeEngine(next(iter(parsed.values())), "cpu")
-    out = {}
-    for label, cfg in parsed.items():
-        model = engine.materialize(cfg)
-        out[label] = _score(model, engine.tokenizer, evaluation, "all")
-        print(f"  {label}: {out[label]}", flush=True)
-    return out
-
-
 def _loop_stats(study) -> dict:
     """Where a trial's time goes. Pruned trials store no merge/eval seconds: the split uses complete ones; the
     gap is the time between one trial's end and the next one's start (sampler ask/tell, storage)."""
@@ -503,77 +471,33 @@ def _loop_stats(study) -> dict:
             "overhead_fraction": round((sum(inside) + sum(gaps)) / wall, 4) if wall else None}
 
 
-def results(cache: Path, threads: int = 2, study_path: Path | None = None, soup_dir: Path | None = None,
-            test_limit: int | None = None) -> dict:
-    """Everything the results page needs, measured now: specialists, search and soup tables (JSON)."""
+def results(cache: Path, study_path: Path | None = None, soup_dir: Path | None = None) -> dict:
+    """What the README's SmolLM2 section reports, read from the runs: the specialists' training, the search's
+    final comparison (every row on the report half of the held-out items, the winner's margin and interval) and
+    loop statistics, and the soup's tables (JSON, also written to <cache>/results/)."""
     import optuna
-    import torch
-    import yaml
 
-    from search.loop import holdout_results
     from search.study import load_study
 
-    torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    test = _test_evaluation(limit=test_limit)
     out: dict = {"specialists": {}, "search": {}, "soup": {}}
-    # 1. base and specialists on the test sets
-    for name in ["base", *SKILLS]:
-        folder = real_model.base_dir(cache) if name == "base" else cache / "specialists" / name
-        model, tok = real_model.load(folder)
-        row = {"test": _score(model, tok, test, "all")}
-        log_path = folder / "train_log.json"
+    for name in SKILLS:
+        log_path = cache / "specialists" / name / "train_log.json"
         if log_path.is_file():
             log = json.loads(log_path.read_text())
-            row.update({k: log[k] for k in ("steps", "batch", "lr", "seconds")}, final_loss=log["losses"][-1])
-        out["specialists"][name] = row
-        print(f"  {name}: {row['test']}", flush=True)
-        del model
-    # 2. the search: search-split scores, the run's own held-out re-evaluation, test sets
+            out["specialists"][name] = {**{k: log[k] for k in ("steps", "batch", "lr", "seconds")},
+                                        "final_loss": log["losses"][-1]}
     study_path = study_path or cache / "studies" / "smollm2_search.yaml"
     cfg = load_study(study_path)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url())
-    held = holdout_results(study)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    best_search = max(complete, key=lambda t: (t.user_attrs["score"], -t.number))
-    winner = study.user_attrs.get("holdout_winner")
-    rows = {}
-    for t in complete:
-        label = t.user_attrs.get("seed")
-        if t.number == winner:
-            label = f"best found (held-out winner, trial {t.number})"
-        elif t.number == best_search.number:
-            label = f"best on the search split (trial {t.number})"
-        if label:
-            rows[label] = {"trial": t.number, "search": t.user_attrs["scores"], "search_score": t.user_attrs["score"],
-                           "holdout": held.get(t.number, {}).get("scores"),
-                           "holdout_score": held.get(t.number, {}).get("score"),
-                           "config": yaml.safe_load(t.user_attrs["config"])}
-    merged = _merged_scores({k: v["config"] for k, v in rows.items()}, cfg.base_dir, test)
-    for k in rows:
-        rows[k]["test"] = merged[k]
-    out["search"] = {"rows": rows, "loop": _loop_stats(study), "winner": winner, "best_search": best_search.number}
-    # 3. the soup: its own table, and the test set for the soups and the single checkpoints
+    out["search"] = {"final": study.user_attrs.get("final"), "loop": _loop_stats(study),
+                     "references": study.user_attrs.get("references")}
     soup_dir = soup_dir or cache / "runs" / "smollm2-soup"
-    if (soup_dir / "soup_config.yaml").is_file():
-        math_test = _test_evaluation(["math"], test_limit)
-        ckpts = sorted((cache / "checkpoints" / "math").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        configs = {p.name: {"merge_method": "linear", "dtype": "float32",
-                            "models": [{"model": str(p), "parameters": {"weight": 1.0}}] +
-                                      [{"model": str(q), "parameters": {"weight": 0.0}} for q in ckpts if q != p]}
-                   for p in ckpts}
-        configs["uniform soup"] = {"merge_method": "linear", "dtype": "float32",
-                                   "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in ckpts]}
-        greedy = yaml.safe_load((soup_dir / "soup_config.yaml").read_text())
-        chosen = {str(Path(m["model"])) for m in greedy["models"]}
-        configs["greedy soup"] = {"merge_method": "linear", "dtype": "float32",
-                                  "models": [{"model": str(p), "parameters": {"weight": 1.0 if str(p) in chosen else 0.0}}
-                                             for p in ckpts]}
-        out["soup"] = {"table": (soup_dir / "soup_table.md").read_text(), "greedy": sorted(chosen),
-                       "test": _merged_scores(configs, cache, math_test)}
-    path = cache / "results" / ("results.json" if study_path is None else f"results-{Path(study_path).stem}.json")
+    for name in ("soup_table.md", "soup_config.yaml"):
+        if (soup_dir / name).is_file():
+            out["soup"][name] = (soup_dir / name).read_text()
+    path = cache / "results" / f"results-{Path(study_path).stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
@@ -590,11 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override a skill's steps (train)")
     p.add_argument("--split", default="holdout", choices=["search", "holdout", "all"])
     p.add_argument("--trials", type=int, default=SEARCH_TRIALS, help="search budget written into the study")
-    p.add_argument("--limit", type=int, default=SEARCH_LIMIT, help="items per split and task during the search")
     p.add_argument("--force", action="store_true", help="redo cached steps")
     p.add_argument("--study", type=Path, default=None, help="results: another search study YAML")
     p.add_argument("--soup-dir", type=Path, default=None, help="results: another soup run folder")
-    p.add_argument("--test-limit", type=int, default=None, help="results: test items per task (quick checks)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     cache = args.cache or real_model.cache_dir()
@@ -620,15 +542,15 @@ def main(argv: list[str] | None = None) -> int:
             log = train(cache, name, args.threads, args.steps)
             print(json.dumps({"skill": name, "seconds": log["seconds"], "final_loss": log["losses"][-1]}), flush=True)
     if args.command == "results":
-        data = results(cache, args.threads, args.study, args.soup_dir, args.test_limit)
+        data = results(cache, args.study, args.soup_dir)
         print(json.dumps({k: v for k, v in data.items() if k != "soup"}, indent=1, default=str))
     if args.command in ("studies", "all"):
-        print(json.dumps(write_studies(cache, args.trials, args.limit), indent=1))
+        print(json.dumps(write_studies(cache, args.trials), indent=1))
     if args.command in ("studies", "all"):
         print(json.dumps({"bench_family": str(make_family(cache))}))
     if args.command == "templates":   # the committed studies/smollm2_*.yaml (paths under ~/.cache, runs in ../runs)
         repo = Path(__file__).resolve().parents[1]
-        print(json.dumps(write_studies(cache, args.trials, args.limit, folder=repo / "studies",
+        print(json.dumps(write_studies(cache, args.trials, folder=repo / "studies",
                                        root="~/.cache/mergesearch/smollm2", runs="../runs"), indent=1))
     return 0
 
