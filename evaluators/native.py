@@ -69,6 +69,42 @@ def max_length(model, tokenizer=None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
+    """`text` as lm-eval 0.4 renders a zero-shot doc under `apply_chat_template`: an optional system turn
+    (`system_instruction`), one user turn, then the assistant's generation prompt, through the tokenizer's chat
+    template (HFLM.apply_chat_template; a template that rejects the system turn is retried without it)."""
+    import jinja2
+
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    options = {"tokenize": False, "add_generation_prompt": True, "continue_final_message": False}
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
+    except jinja2.exceptions.TemplateError:
+        log.warning("the chat template rejects a system turn: rendering without it (as lm-eval does)")
+        return tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"], **options)
+
+
+def chat_items(items: Sequence[Item], tokenizer, system: str | None, task: str) -> list[Item]:
+    """Items re-written for a chat model: the query/prompt becomes the rendered chat (see chat_prompt); a
+    choice loses its leading whitespace (the delimiter a plain prompt needs), as lm-eval drops
+    `target_delimiter` under apply_chat_template. Perplexity texts take no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalError("the tokenizer has no chat template (chat_template: true needs one)", task)
+    out: list[Item] = []
+    for item in items:
+        if isinstance(item, MultipleChoiceItem):
+            choices = tuple(c.lstrip() for c in item.choices)
+            if not all(choices):
+                raise EvalError(f"a choice of item {item.id!r} is only whitespace", task)
+            out.append(MultipleChoiceItem(item.id, chat_prompt(tokenizer, item.query, system), choices, item.gold))
+        elif isinstance(item, GenerateItem):
+            out.append(GenerateItem(item.id, chat_prompt(tokenizer, item.prompt, system), item.target, item.stop))
+        else:
+            raise EvalError("a perplexity task takes no chat template", task)
+    return out
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and in which dtype the model computes inside `inference`."""
@@ -465,9 +501,13 @@ Scorer = MultipleChoiceScorer | GenerateScorer | PerplexityScorer
 
 
 def make_scorer(kind: str, items: Sequence[Item], tokenizer, *, name: str, batch_size: int = 32,
-                max_new_tokens: int = 32, autocast: bool = True) -> Scorer:
-    """The scorer for a local task kind, with its items tokenized once."""
+                max_new_tokens: int = 32, autocast: bool = True, chat_template: bool = False,
+                system: str | None = None) -> Scorer:
+    """The scorer for a local task kind, with its items tokenized once (through the tokenizer's chat template
+    first when `chat_template`, see chat_items)."""
     common = {"name": name, "batch_size": batch_size, "autocast": autocast}
+    if chat_template:
+        items = chat_items(items, tokenizer, system, name)
     if kind == "multiple_choice":
         return MultipleChoiceScorer(items, tokenizer, **common)
     if kind == "generate":
@@ -485,4 +525,4 @@ def _pad_id(tokenizer) -> int:
 
 
 __all__ = ["GenerateScorer", "LmEvalEncoder", "MultipleChoiceScorer", "PerplexityScorer", "Runtime", "Scorer",
-           "inference", "make_scorer", "max_length"]
+           "chat_items", "chat_prompt", "inference", "make_scorer", "max_length"]
