@@ -140,7 +140,8 @@ def linear_macs(model) -> tuple[int, int]:
 
 def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, int]) -> dict:
     """Time both `repeats` times, interleaved (the machine is shared and noisy): per-side medians, the median
-    of the per-repeat ratios, the work of one run of each and the ratio of their linear-layer multiply-adds."""
+    of the per-repeat ratios of wall and of process CPU time (with --threads 1 the CPU time barely sees other
+    processes), the work of one run of each and the ratio of their linear-layer multiply-adds."""
     native(), lm_eval()  # warm-up, and one counted run of each
     work.reset()
     native_out = native()
@@ -148,13 +149,16 @@ def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, 
     lm_eval_out = lm_eval()
     lm_eval_work = work.reset()
     times: dict[str, list[float]] = {"native": [], "lm_eval": []}
+    cpu: dict[str, list[float]] = {"native": [], "lm_eval": []}
     for _ in range(repeats):
         for name, fn in (("native", native), ("lm_eval", lm_eval)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     work.reset()
     ratios = [b / a for a, b in zip(times["native"], times["lm_eval"], strict=True)]
+    cpu_ratios = [b / a for a, b in zip(cpu["native"], cpu["lm_eval"], strict=True)]
     body, head = macs
 
     def cost(w: dict) -> float:
@@ -167,6 +171,8 @@ def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, 
             "lm_eval_items_per_s": round(n / statistics.median(times["lm_eval"]), 2),
             "ratio": round(statistics.median(ratios), 2),
             "ratios": [round(r, 2) for r in ratios],
+            "cpu_time_ratio": round(statistics.median(cpu_ratios), 2),  # less hurt by other processes
+            "cpu_time_ratios": [round(r, 2) for r in cpu_ratios],
             "native_work": native_work, "lm_eval_work": lm_eval_work,
             "compute_bound_ratio": round(cost(lm_eval_work) / cost(native_work), 2),
         },
