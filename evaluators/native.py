@@ -486,6 +486,7 @@ class GenerateScorer:
     """
 
     metrics = ("exact_match",)
+    join_fraction = 4  # waiting prompts join once 1/join_fraction of the batch is free (0: one batch at a time)
 
     def __init__(self, items: Sequence[GenerateItem], tokenizer, *, name: str = "generate", batch_size: int = 32,
                  max_new_tokens: int = 32, autocast: bool = True):
@@ -517,7 +518,8 @@ class GenerateScorer:
         pending, out = list(reversed(order)), {}  # a stack: the longest prompt on top
         generated: dict[int, list[int]] = {i: [] for i in order}
         running: _Decoding | None = None
-        join_at = max(1, self.batch_size // 4) if fwd.plain_cache else self.batch_size  # else: one batch at a time
+        joins = fwd.plain_cache and self.join_fraction > 0  # else: one batch at a time
+        join_at = max(1, self.batch_size // self.join_fraction) if joins else self.batch_size
         while pending or running is not None:
             free = self.batch_size - (len(running) if running is not None else 0)
             if pending and (running is None or free >= join_at):
