@@ -302,7 +302,8 @@ class MultipleChoiceScorer:
     """acc / acc_norm from the log-likelihood of each choice as a continuation of the query.
 
     Each item is one packed row (context + a trie of the choices, see _Packed) under a 4D attention mask:
-    one forward per `batch_size` items, the LM head applied only at rows that predict a choice token.
+    one forward per `batch_size` items (sorted by length), the LM head applied only at rows that predict a
+    choice token; a token prefix shared by every item of a call is computed once (see _Prefix).
     """
 
     metrics = ("acc", "acc_norm")
