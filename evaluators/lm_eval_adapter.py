@@ -58,6 +58,8 @@ class LmEvalBridge:
                 raise EvalError(f"cannot load lm-eval task {spec.task!r}: {err}", spec.name) from err
         if loaded is None or not loaded["tasks"]:
             raise EvalError(f"lm-eval knows no task or group {spec.task!r}", spec.name)
+        if spec.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise EvalError("the tokenizer has no chat template (chat_template: true needs one)", spec.name)
         return LmEvalTask(spec, loaded, self)
 
     def _manager(self, include: str | None, defaults: bool):
@@ -86,10 +88,14 @@ class LmEvalTask:
 
     `score(model, which)` runs lm-eval's own evaluate() on the docs at positions `which` and returns each
     doc's value of `metric` (the task's first metric unless the spec names one; `metric,filter` picks a filter).
+    With `chat_template` it runs as `lm_eval --apply_chat_template [--system_instruction ...]` does (few-shot
+    examples as a multi-turn chat, that command's default with a chat template).
     """
 
     def __init__(self, spec: TaskSpec, loaded: dict, bridge: LmEvalBridge):
         self.name, self.bridge = spec.name, bridge
+        self.chat = {"apply_chat_template": True, "fewshot_as_multiturn": True,
+                     "system_instruction": spec.system} if spec.chat_template else {}
         self.tasks: dict[str, Any] = dict(loaded["tasks"])
         for task in self.tasks.values():
             _set_fewshot(task, spec.num_fewshot)
@@ -127,7 +133,7 @@ class LmEvalTask:
             task.set_fewshot_seed(FEWSHOT_SEED)  # the same few-shot examples per doc in every call
         with _progress_bars_hidden():
             out = evaluator.evaluate(lm=self.bridge.lm(model), task_dict=task_dict, samples=samples,
-                                     bootstrap_iters=0, log_samples=True)
+                                     bootstrap_iters=0, log_samples=True, **self.chat)
         values: dict[tuple[str, int], float] = {}
         for task_name in samples:
             for sample in out["samples"][task_name]:  # one per doc and filter; default: the first filter

@@ -69,6 +69,42 @@ def max_length(model, tokenizer=None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
+    """`text` as lm-eval 0.4 renders a zero-shot doc under `apply_chat_template`: an optional system turn
+    (`system_instruction`), one user turn, then the assistant's generation prompt, through the tokenizer's chat
+    template (HFLM.apply_chat_template; a template that rejects the system turn is retried without it)."""
+    import jinja2
+
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    options = {"tokenize": False, "add_generation_prompt": True, "continue_final_message": False}
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
+    except jinja2.exceptions.TemplateError:
+        log.warning("the chat template rejects a system turn: rendering without it (as lm-eval does)")
+        return tokenizer.apply_chat_template([m for m in messages if m["role"] != "system"], **options)
+
+
+def chat_items(items: Sequence[Item], tokenizer, system: str | None, task: str) -> list[Item]:
+    """Items re-written for a chat model: the query/prompt becomes the rendered chat (see chat_prompt); a
+    choice loses its leading whitespace (the delimiter a plain prompt needs), as lm-eval drops
+    `target_delimiter` under apply_chat_template. Perplexity texts take no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalError("the tokenizer has no chat template (chat_template: true needs one)", task)
+    out: list[Item] = []
+    for item in items:
+        if isinstance(item, MultipleChoiceItem):
+            choices = tuple(c.lstrip() for c in item.choices)
+            if not all(choices):
+                raise EvalError(f"a choice of item {item.id!r} is only whitespace", task)
+            out.append(MultipleChoiceItem(item.id, chat_prompt(tokenizer, item.query, system), choices, item.gold))
+        elif isinstance(item, GenerateItem):
+            out.append(GenerateItem(item.id, chat_prompt(tokenizer, item.prompt, system), item.target, item.stop))
+        else:
+            raise EvalError("a perplexity task takes no chat template", task)
+    return out
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and in which dtype the model computes inside `inference`."""
@@ -97,12 +133,14 @@ class _Forward:
     logits_to_keep: bool
     position_ids: bool
     attention: str
+    plain_cache: bool  # every layer's KV cache is a plain DynamicLayer: rows may be repeated, padded, joined
 
     @classmethod
     def of(cls, model) -> _Forward:
         params = inspect.signature(model.forward).parameters
         return cls("cache" if "cache" in params else "past_key_values", "logits_to_keep" in params,
-                   "position_ids" in params, str(getattr(model.config, "_attn_implementation", None) or "eager"))
+                   "position_ids" in params, str(getattr(model.config, "_attn_implementation", None) or "eager"),
+                   "position_ids" in params and _plain_cache(model))
 
     def check_packable(self, task: str) -> None:
         """Packed multiple-choice rows need position_ids and a 4D attention mask (sdpa or eager attention)."""
@@ -120,6 +158,65 @@ class _Forward:
 def _cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def _plain_cache(model) -> bool:
+    """Whether this model's KV cache is one plain DynamicLayer per layer (no sliding window, chunking or
+    sharing): only then may evaluators repeat, pad and join its tensors."""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # an architecture or transformers version without this cache API
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _new_cache(states: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(states))
+
+
+MIN_PREFIX_SAVING = 32  # tokens: an extra forward for a shared prefix must save at least this much
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens all of `seqs` share, at most `limit`."""
+    first, n = seqs[0], limit
+    for seq in seqs[1:]:
+        k = 0
+        while k < n and seq[k] == first[k]:
+            k += 1
+        n = k
+        if not n:
+            break
+    return max(n, 0)
+
+
+class _Prefix:
+    """The key/value states of a token prefix that every row of a call starts with (a system prompt, a chat
+    header, an instruction): computed once with batch 1, then repeated for each batch, so a row computes only
+    the tokens after it. Positions and results are those of the full rows (within float rounding)."""
+
+    def __init__(self, model, tokens: Sequence[int], device: torch.device, fwd: _Forward):
+        out = model(input_ids=torch.tensor([list(tokens)], device=device), use_cache=True, **fwd.last_only())
+        self.length = len(tokens)
+        self.states = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+
+    @classmethod
+    def shared(cls, model, seqs: Sequence[Sequence[int]], limit: int, device: torch.device,
+               fwd: _Forward) -> _Prefix | None:
+        """The prefix common to `seqs` (at most `limit` tokens), or None where sharing does not pay."""
+        if not fwd.plain_cache or len(seqs) < 2 or limit < 1:
+            return None
+        n = _common_prefix(seqs, limit)
+        return cls(model, seqs[0][:n], device, fwd) if n * (len(seqs) - 1) >= MIN_PREFIX_SAVING else None
+
+    def cache(self, batch: int):
+        """A fresh cache holding the prefix for `batch` rows."""
+        return _new_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.states])
 
 
 def _pad_right(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -205,7 +302,8 @@ class MultipleChoiceScorer:
     """acc / acc_norm from the log-likelihood of each choice as a continuation of the query.
 
     Each item is one packed row (context + a trie of the choices, see _Packed) under a 4D attention mask:
-    one forward per `batch_size` items, the LM head applied only at rows that predict a choice token.
+    one forward per `batch_size` items (sorted by length), the LM head applied only at rows that predict a
+    choice token; a token prefix shared by every item of a call is computed once (see _Prefix).
     """
 
     metrics = ("acc", "acc_norm")
@@ -236,8 +334,12 @@ class MultipleChoiceScorer:
         with inference(model, self.autocast) as run:
             fwd = _Forward.of(model)
             fwd.check_packable(self.name)
+            packs = [pack for _, pack, _ in rows]
+            prefix = _Prefix.shared(model, [pack.tokens.tolist() for pack in packs],
+                                    min(pack.context_len for pack in packs) - 1, run.device, fwd)
             for batch in _batches(rows, self.batch_size, lambda row: len(row[1].tokens)):
-                scored = self._score_batch(model, [pack for _, pack, _ in batch], run.device, run.dtype, fwd)
+                scored = self._score_batch(model, [pack for _, pack, _ in batch], run.device, run.dtype, fwd,
+                                           prefix)
                 for (i, _, choices), lls in zip(batch, scored, strict=True):
                     for choice, value in zip(choices, lls, strict=True):
                         out[i][choice] = value
@@ -249,29 +351,34 @@ class MultipleChoiceScorer:
         return self._fit_cache[(i, limit)]
 
     def _score_batch(self, model, packs: list[_Packed], device: torch.device, dtype: torch.dtype,
-                     fwd: _Forward) -> list[list[float]]:
-        width = max(len(p.tokens) for p in packs)
+                     fwd: _Forward, prefix: _Prefix | None = None) -> list[list[float]]:
+        """One forward over `packs` (minus the shared `prefix`, whose keys/values come from its cache)."""
+        skip = prefix.length if prefix else 0
+        width = max(len(p.tokens) for p in packs) - skip
         input_ids = torch.full((len(packs), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(packs), width), dtype=torch.long)
-        allowed = torch.zeros((len(packs), width, width), dtype=torch.bool)
+        allowed = torch.zeros((len(packs), width, skip + width), dtype=torch.bool)
         causal = torch.ones(width, width, dtype=torch.bool).tril_()
         for b, p in enumerate(packs):
-            n, ctx = len(p.tokens), p.context_len
-            input_ids[b, :n] = p.tokens
-            positions[b, :n] = p.positions
-            allowed[b, :n, :n] = causal[:n, :n]
-            allowed[b, ctx:n, ctx:n] = p.trie_mask
-        allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
+            n, ctx = len(p.tokens) - skip, p.context_len - skip
+            input_ids[b, :n] = p.tokens[skip:]
+            positions[b, :n] = p.positions[skip:]
+            allowed[b, :n, skip:skip + n] = causal[:n, :n]
+            allowed[b, ctx:n, skip + ctx:skip + n] = p.trie_mask
+        allowed[:, :, :skip] = True                                # every row sees the shared prefix
+        allowed[:, :, skip:] |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no empty softmax
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         offsets = torch.tensor([0, *(p.n_choices for p in packs)]).cumsum(dim=0)
         batch = torch.cat([torch.full_like(p.rows, b) for b, p in enumerate(packs)]).to(device)
-        rows = torch.cat([p.rows for p in packs]).to(device)
+        rows = torch.cat([p.rows - skip for p in packs]).to(device)
         targets = torch.cat([p.targets for p in packs]).to(device)
         owner = torch.cat([p.choices + offsets[b] for b, p in enumerate(packs)]).to(device)
         extra = {}
         if fwd.logits_to_keep:  # the LM head runs only on rows that predict a scored token
             keep = torch.unique(rows)
             extra, rows = {"logits_to_keep": keep}, torch.searchsorted(keep, rows)
+        if prefix is not None:
+            extra.update(fwd.with_cache(prefix.cache(len(packs))))
         logits = model(input_ids=input_ids.to(device), attention_mask=mask[:, None].to(device),
                        position_ids=positions.to(device), **extra).logits
         logprobs = F.log_softmax(logits[batch, rows].float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
@@ -308,22 +415,79 @@ def _fit(item: _Choices, limit: int, task: str) -> list[tuple[_Packed, tuple[int
             for choice, cont in enumerate(item.continuations)]
 
 
-def _prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device, fwd: _Forward):
-    """Left-padded forward over `prompts`: (last-position logits [B, V], KV cache, attention mask [B, width])."""
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **fwd.last_only())
-    return out.logits[:, -1, :], _cache_of(out), mask
+class _Decoding:
+    """The rows being decoded together: one item per row, its KV cache (left-padded, plus a shared prefix),
+    attention mask, last position and the logits of its next token (not yet consumed)."""
+
+    def __init__(self, model, items: list[int], prompts: Sequence[Sequence[int]], pad_id: int,
+                 device: torch.device, fwd: _Forward, prefix: _Prefix | None = None):
+        """Prefill `prompts` (each starting with `prefix`, whose keys/values come from its cache), left-padded."""
+        skip = prefix.length if prefix else 0
+        rows = [list(p[skip:]) for p in prompts]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[1] * skip + [0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, skip:]
+        cache = fwd.with_cache(prefix.cache(len(rows))) if prefix is not None else {"use_cache": True}
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **cache, **fwd.last_only())
+        self.items, self.fwd = list(items), fwd
+        self.logits, self.cache, self.mask = out.logits[:, -1, :], _cache_of(out), mask
+        self.last_pos = positions[:, -1:]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def join(self, other: _Decoding) -> None:
+        """Append `other`'s rows (a plain cache only): the shorter side is left-padded to a common width."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - x.shape[dim]
+            if not missing:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, -2), pad(theirs.keys, -2)])
+            mine.values = torch.cat([pad(mine.values, -2), pad(theirs.values, -2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.last_pos = torch.cat([self.last_pos, other.last_pos])
+        self.items += other.items
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (positions in this batch); drop the leading columns no row attends to any more."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.logits, self.last_pos = self.mask[index], self.logits[index], self.last_pos[index]
+        self.items = [self.items[k] for k in rows]
+        dead = int(self.mask.any(dim=0).int().argmax())
+        if dead and self.fwd.plain_cache:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., dead:, :], layer.values[..., dead:, :]
+            self.mask = self.mask[:, dead:]
+
+    def step(self, model, tokens: torch.Tensor) -> None:
+        """Feed one token per row; its logits become the rows' next-token logits."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        self.last_pos = self.last_pos + 1
+        self.logits = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.last_pos,
+                            **self.fwd.with_cache(self.cache)).logits[:, -1, :]
 
 
 class GenerateScorer:
     """exact_match of greedy decoding (KV cache, left padding) cut at the first stop string, or eos,
-    or `max_new_tokens`, against the target (both stripped of surrounding whitespace)."""
+    or `max_new_tokens`, against the target (both stripped of surrounding whitespace).
+
+    Each row stops on its own and leaves the batch; prompts (longest first, so a prefill pads little) join the
+    running batch as rows leave, a quarter of the batch at a time, so most steps run a full batch. A prompt
+    prefix shared by every item (a system prompt, a chat header) is computed once per call.
+    """
 
     metrics = ("exact_match",)
+    join_fraction = 4  # waiting prompts join once 1/join_fraction of the batch is free (0: one batch at a time)
 
     def __init__(self, items: Sequence[GenerateItem], tokenizer, *, name: str = "generate", batch_size: int = 32,
                  max_new_tokens: int = 32, autocast: bool = True):
@@ -338,44 +502,53 @@ class GenerateScorer:
 
     def generations(self, model, which: Sequence[int]) -> list[str]:
         """The greedy continuation of each prompt in `which`, cut at its first stop string."""
-        order = sorted(which, key=lambda i: -len(self.prompts[i]))
-        out: dict[int, str] = {}
-        eos = _eos_ids(model, self.tokenizer)
         room = max_length(model, self.tokenizer) - self.max_new_tokens
         if room <= 0:
             raise EvalError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt", self.name)
+        prompts = {i: self.prompts[i][-room:] for i in which}
+        order = sorted(prompts, key=lambda i: -len(prompts[i]))
         with inference(model, self.autocast) as run:
             fwd = _Forward.of(model)
-            for batch in _batches(order, self.batch_size, lambda i: len(self.prompts[i])):
-                prompts = [self.prompts[i][-room:] for i in batch]
-                texts = self._generate(model, prompts, [self.stops[i] for i in batch], eos, run.device, fwd)
-                out.update(zip(batch, texts, strict=True))
+            prefix = _Prefix.shared(model, [prompts[i] for i in order], len(prompts[order[-1]]) - 1, run.device,
+                                    fwd) if order else None
+            out = self._decode(model, order, prompts, _eos_ids(model, self.tokenizer), prefix, run.device, fwd)
         return [out[i] for i in which]
 
-    def _generate(self, model, prompts: list[list[int]], stops: list[tuple[str, ...]], eos: set[int],
-                  device: torch.device, fwd: _Forward) -> list[str]:
-        logits, cache, mask = _prefill(model, prompts, self.pad_id, device, fwd)
-        last_pos = mask.sum(dim=1, keepdim=True) - 1
-        generated: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        while True:
-            _check_finite(logits, self.name)
-            tokens = logits.argmax(dim=-1)
-            still = [k for k, (row, tok) in enumerate(zip(active, tokens.tolist(), strict=True))
-                     if not self._finished(generated[row], tok, stops[row], eos)]
+    def _decode(self, model, order: list[int], prompts: dict[int, list[int]], eos: set[int],
+                prefix: _Prefix | None, device: torch.device, fwd: _Forward) -> dict[int, str]:
+        pending, out = list(reversed(order)), {}  # a stack: the longest prompt on top
+        generated: dict[int, list[int]] = {i: [] for i in order}
+        running: _Decoding | None = None
+        joins = fwd.plain_cache and self.join_fraction > 0  # else: one batch at a time
+        join_at = max(1, self.batch_size // self.join_fraction) if joins else self.batch_size
+        while pending or running is not None:
+            free = self.batch_size - (len(running) if running is not None else 0)
+            if pending and (running is None or free >= join_at):
+                group = [pending.pop()]
+                while pending and len(group) < free and 2 * len(prompts[pending[-1]]) >= len(prompts[group[0]]):
+                    group.append(pending.pop())
+                joined = _Decoding(model, group, [prompts[i] for i in group], self.pad_id, device, fwd, prefix)
+                if running is None:
+                    running = joined
+                else:
+                    running.join(joined)
+            _check_finite(running.logits, self.name)
+            tokens = running.logits.argmax(dim=-1)
+            still = []
+            for k, (item, token) in enumerate(zip(running.items, tokens.tolist(), strict=True)):
+                if self._finished(generated[item], token, self.stops[item], eos):
+                    text = self.tokenizer.decode(generated[item], skip_special_tokens=True)
+                    out[item] = _cut(text, self.stops[item])
+                else:
+                    still.append(k)
             if not still:
-                break
-            if len(still) < len(active):
-                index = torch.tensor(still, device=device)
-                cache.batch_select_indices(index)
-                tokens, mask, last_pos = tokens[index], mask[index], last_pos[index]
-                active = [active[k] for k in still]
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            last_pos = last_pos + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_pos,
-                           **fwd.with_cache(cache)).logits[:, -1, :]
-        return [_cut(self.tokenizer.decode(g, skip_special_tokens=True), s)
-                for g, s in zip(generated, stops, strict=True)]
+                running = None
+                continue
+            if len(still) < len(running):
+                running.keep(still)
+                tokens = tokens[torch.tensor(still, device=device)]
+            running.step(model, tokens)
+        return out
 
     def _finished(self, generated: list[int], token: int, stops: tuple[str, ...], eos: set[int]) -> bool:
         """Append `token` unless it is eos; True once the row must stop."""
@@ -465,9 +638,13 @@ Scorer = MultipleChoiceScorer | GenerateScorer | PerplexityScorer
 
 
 def make_scorer(kind: str, items: Sequence[Item], tokenizer, *, name: str, batch_size: int = 32,
-                max_new_tokens: int = 32, autocast: bool = True) -> Scorer:
-    """The scorer for a local task kind, with its items tokenized once."""
+                max_new_tokens: int = 32, autocast: bool = True, chat_template: bool = False,
+                system: str | None = None) -> Scorer:
+    """The scorer for a local task kind, with its items tokenized once (through the tokenizer's chat template
+    first when `chat_template`, see chat_items)."""
     common = {"name": name, "batch_size": batch_size, "autocast": autocast}
+    if chat_template:
+        items = chat_items(items, tokenizer, system, name)
     if kind == "multiple_choice":
         return MultipleChoiceScorer(items, tokenizer, **common)
     if kind == "generate":
@@ -485,4 +662,4 @@ def _pad_id(tokenizer) -> int:
 
 
 __all__ = ["GenerateScorer", "LmEvalEncoder", "MultipleChoiceScorer", "PerplexityScorer", "Runtime", "Scorer",
-           "inference", "make_scorer", "max_length"]
+           "chat_items", "chat_prompt", "inference", "make_scorer", "max_length"]

@@ -160,7 +160,8 @@ class Suite:
                 raise EvalError(f"item id {sorted(both)[0]!r} is in both the task file and its holdout file",
                                 str(spec.holdout_path))
             scorer = make_scorer(spec.kind, items + held, tokenizer, name=spec.name, batch_size=batch_size,
-                                 max_new_tokens=spec.max_new_tokens, autocast=autocast)
+                                 max_new_tokens=spec.max_new_tokens, autocast=autocast,
+                                 chat_template=spec.chat_template, system=spec.system)
             ids, metric = [item.id for item in items + held], spec.metric
             if held:
                 return _Task(spec, scorer, metric, ids, self._file_splits(ids, len(items), spec.limit))

@@ -27,7 +27,9 @@ class TaskSpec:
     """One task of a suite. Local kinds read `path` (JSONL); `lm_eval` runs the lm-eval task `task`.
 
     `limit` caps the items of each split (None: all); `metric` picks acc/acc_norm for multiple_choice
-    or the lm-eval metric to report (default: the task's first metric).
+    or the lm-eval metric to report (default: the task's first metric). `chat_template`: format each prompt
+    with the tokenizer's chat template as lm-eval's `apply_chat_template` does (a user turn, then the
+    assistant's generation prompt), with `system` as a system turn (lm-eval's `system_instruction`).
     """
 
     name: str
@@ -42,6 +44,8 @@ class TaskSpec:
     num_fewshot: int | None = None
     holdout_path: Path | None = None   # a separate held-out file: its items are the holdout split
     reference: float | None = None     # the score that counts as "kept the skill" (default: the best parent's)
+    chat_template: bool = False        # prompts through the tokenizer's chat template (multiple_choice, generate, lm_eval)
+    system: str | None = None          # a system turn; needs chat_template
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: Path | str = ".", where: str = "task") -> TaskSpec:
@@ -83,6 +87,17 @@ class TaskSpec:
             raise EvalError(f"a {kind} task reports {DEFAULT_METRIC[kind]!r} only", f"{where}.metric")
         if metric is not None and not isinstance(metric, str):
             raise EvalError("must be a string", f"{where}.metric")
+        chat = raw.get("chat_template", False)
+        if not isinstance(chat, bool):
+            raise EvalError(f"must be true or false, got {chat!r}", f"{where}.chat_template")
+        if chat and kind == "perplexity":
+            raise EvalError("a perplexity task scores raw text: it takes no chat template", f"{where}.chat_template")
+        system = raw.get("system")
+        if system is not None:
+            if not isinstance(system, str) or not system:
+                raise EvalError("must be a non-empty string", f"{where}.system")
+            if not chat:
+                raise EvalError("a system prompt needs `chat_template: true`", f"{where}.system")
         return cls(
             name=name, kind=kind, path=path, task=task, include_path=include_path,
             limit=_optional_int(raw, "limit", where, minimum=1),
@@ -92,6 +107,8 @@ class TaskSpec:
             num_fewshot=_optional_int(raw, "num_fewshot", where, minimum=0),
             holdout_path=holdout_path,
             reference=_reference(raw.get("reference"), f"{where}.reference"),
+            chat_template=chat,
+            system=system,
         )
 
 

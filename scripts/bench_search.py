@@ -60,9 +60,15 @@ def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | No
     runner = TrialRunner(cfg, space, device="cpu")
     runner.references = ensure_references(study, cfg, lambda: runner)
     stamps: list[float] = []
+    clock: dict[int, tuple[float, float]] = {}          # trial number -> (wall, process CPU) when it ended
+    cpu0 = time.process_time()
     t_setup = time.perf_counter()
-    run_worker(cfg, None, Budget(trials, None), "cpu", threading.Event(),
-               on_trial=lambda s, t: stamps.append(time.time()), runner=runner, study=study)
+
+    def ended(_study, trial) -> None:
+        stamps.append(time.time())
+        clock[trial.number] = (time.time(), time.process_time() - cpu0)
+
+    run_worker(cfg, None, Budget(trials, None), "cpu", threading.Event(), on_trial=ended, runner=runner, study=study)
     total = time.perf_counter() - t_setup
     done = study.get_trials(deepcopy=False)
     first_start = min(t.datetime_start.timestamp() for t in done if t.datetime_start)
@@ -75,24 +81,26 @@ def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | No
            "merge_s_median": statistics.median(t.user_attrs.get("merge_s", 0) for t in done),
            "eval_s_median": statistics.median(t.user_attrs.get("eval_s", 0) for t in done),
            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in done),
-           "trials_per_hour": 3600 * len(done) / loop_wall if loop_wall > 0 else None}
+           "trials_per_hour": 3600 * len(done) / loop_wall if loop_wall > 0 else None,
+           "cpu_s": time.process_time() - cpu0}
     if keep:
-        out.update(study=study, cfg=cfg, runner=runner, space=space, first_start=first_start)
+        out.update(study=study, cfg=cfg, runner=runner, space=space, first_start=first_start, clock=clock)
     return out
 
 
-def incumbents(study) -> list[tuple[float, object]]:
-    """(seconds since the first trial started, trial) each time the best completed trial by search score
-    changes, in completion order."""
+def incumbents(run_: dict) -> list[tuple[float, float, object]]:
+    """(wall seconds, process CPU seconds, trial) each time the best completed trial by search score changes,
+    in completion order (times since the run started)."""
     import optuna
 
+    study, clock = run_["study"], run_["clock"]
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    done.sort(key=lambda t: t.datetime_complete)
+    done.sort(key=lambda t: clock[t.number][0])
     out, best = [], None
     for t in done:
         if best is None or t.user_attrs["score"] > best.user_attrs["score"]:
             best = t
-            out.append((t.datetime_complete.timestamp(), t))
+            out.append((clock[t.number][0] - run_["first_start"], clock[t.number][1], t))
     return out
 
 
@@ -117,26 +125,30 @@ def held_out(run_: dict, trial) -> tuple[float, float]:
 def fidelity(args, folder: Path) -> dict:
     """Time to the unpruned run's held-out score, for each pruner in --fidelity."""
     base = run(args.study, args.sampler, 0, args.trials, "none", folder, keep=True)
-    base_steps = incumbents(base["study"])
-    target, target_se = held_out(base, base_steps[-1][1])
+    base_steps = incumbents(base)
+    target, target_se = held_out(base, base_steps[-1][2])
     out = {"study": str(args.study), "sampler": args.sampler, "trials": args.trials,
-           "unpruned": {"wall_s": base["loop_wall_s"], "trials_per_hour": base["trials_per_hour"],
-                        "final_holdout": target, "final_holdout_se": target_se,
-                        "best_trial": base_steps[-1][1].number}, "pruned": []}
+           "unpruned": {"wall_s": base["loop_wall_s"], "cpu_s": base["cpu_s"],
+                        "trials_per_hour": base["trials_per_hour"], "final_holdout": target,
+                        "final_holdout_se": target_se, "best_trial": base_steps[-1][2].number}, "pruned": []}
     for spec in args.fidelity.split(","):
         name, _, every = spec.partition(":")
         r = run(args.study, args.sampler, 0, args.trials, name, folder, every=int(every) if every else None, keep=True)
         reached, last = None, (None, None)
-        for stamp, trial in incumbents(r["study"]):
+        for wall, cpu, trial in incumbents(r):
             value, se = held_out(r, trial)
             last = (value, se)
             if reached is None and value >= target - target_se:
-                reached = stamp - r["first_start"]
+                reached = (wall, cpu)
+        fraction = reached[0] / base["loop_wall_s"] if reached else None
         out["pruned"].append({
-            "pruner": name, "every": r["every"], "wall_s": r["loop_wall_s"], "pruned_trials": r["pruned"],
-            "trials_per_hour": r["trials_per_hour"], "time_to_unpruned_holdout_s": reached,
-            "fraction_of_unpruned_time": reached / base["loop_wall_s"] if reached is not None else None,
-            "target_met": reached is not None and reached <= base["loop_wall_s"] / 3,
+            "pruner": name, "every": r["every"], "wall_s": r["loop_wall_s"], "cpu_s": r["cpu_s"],
+            "pruned_trials": r["pruned"], "trials_per_hour": r["trials_per_hour"],
+            "time_to_unpruned_holdout_s": reached[0] if reached else None,
+            "fraction_of_unpruned_time": fraction,
+            "cpu_time_to_unpruned_holdout_s": reached[1] if reached else None,
+            "fraction_of_unpruned_cpu_time": reached[1] / base["cpu_s"] if reached else None,
+            "target_met": fraction is not None and fraction <= 1 / 3,
             "final_holdout": last[0], "final_holdout_se": last[1],
             "final_within_one_se": last[0] is not None and last[0] >= target - target_se})
     return out

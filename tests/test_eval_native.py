@@ -40,6 +40,13 @@ def mc_rows(n: int = 40, seed: int = 5) -> list[dict]:
     return rows
 
 
+PREAMBLE = "Solve each task; answer with the result only. "  # a prefix every item shares (47 tokens)
+
+
+def with_preamble(rows, key):
+    return [dict(r, **{key: PREAMBLE + r[key]}) for r in rows]
+
+
 def flat(nested):
     return [x for row in nested for x in row]
 
@@ -63,10 +70,10 @@ def run_lm_eval(model, tok, rows, folder):
             [s["acc_norm"] for s in samples], out["results"]["faith_mc"])
 
 
-@pytest.mark.parametrize("name", ["ft_add", "qwen2"])
-def test_multiple_choice_matches_lm_eval(zoo, tmp_path, name):
+@pytest.mark.parametrize("name,preamble", [("ft_add", False), ("qwen2", False), ("ft_add", True)])
+def test_multiple_choice_matches_lm_eval(zoo, tmp_path, name, preamble):
     model, tok = load(zoo[name])
-    rows = mc_rows()
+    rows = with_preamble(mc_rows(), "query") if preamble else mc_rows()
     scorer = MultipleChoiceScorer(mc_items(rows), tok, batch_size=8)
     which = list(range(len(rows)))
     native_lls = scorer.loglikelihoods(model, which)
@@ -143,6 +150,48 @@ def test_generate_matches_hf_greedy_generate(zoo):
     scores = scorer.score(model, which)
     assert [s["exact_match"] for s in scores] == [float(o.strip() == r["target"].strip())
                                                   for o, r in zip(outputs, rows, strict=True)]
+
+
+def test_shared_prefix_is_computed_once(zoo):
+    """Rows that share a prefix feed it once (batch 1), then only their own tokens; scores do not move."""
+    model, tok = load(zoo["ft_add"])
+    shapes = []
+    model.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    rows = with_preamble(mc_rows(12), "query")
+    lls = MultipleChoiceScorer(mc_items(rows), tok, batch_size=4).loglikelihoods(model, range(12))
+    assert shapes[0] == (1, len(PREAMBLE)) and len(shapes) == 4  # the prefix, then 3 batches of 4 items
+    assert max(width for _, width in shapes[1:]) < max(len(tok.encode(r["query"])) for r in rows)
+    one = MultipleChoiceScorer(mc_items(rows), tok, batch_size=4)
+    assert flat(one.loglikelihoods(model, [5])) == pytest.approx(flat([lls[5]]), abs=1e-5)  # alone: no prefix
+    shapes.clear()
+    items = [parse_row("generate", r, "x") for r in with_preamble(gen_rows(6), "prompt")]
+    GenerateScorer(items, tok, max_new_tokens=4).generations(model, range(6))
+    assert shapes[0] == (1, len(PREAMBLE)) and shapes[1][1] < len(items[0].prompt)
+
+
+@pytest.mark.parametrize("preamble", [False, True])
+def test_generate_rows_stop_alone_and_new_rows_join(zoo, monkeypatch, preamble):
+    """Continuous batching: a row that stops leaves, waiting prompts join the running batch; every output
+    equals HF's greedy generate on that prompt alone."""
+    from evaluators import native
+
+    model, tok = load(zoo["ft_reverse"])
+    joins = []
+    join = native._Decoding.join
+    monkeypatch.setattr(native._Decoding, "join", lambda self, other: (joins.append(len(other)), join(self, other)))
+    rows = [dict(r, stop=[["="], [" = ="], ["\n"]][i % 3]) for i, r in enumerate(gen_rows(16, seed=8))]
+    rows = with_preamble(rows, "prompt") if preamble else rows  # stops after 1, 3 and 8 tokens: rows leave early
+    items = [parse_row("generate", r, "x") for r in rows]
+    outputs = GenerateScorer(items, tok, batch_size=4, max_new_tokens=8).generations(model, range(16))
+    assert joins  # rows joined a running batch
+    for item, got in zip(items, outputs, strict=True):
+        ids = tok(item.prompt, return_tensors="pt")
+        with torch.no_grad():
+            full = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        want = tok.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in item.stop:
+            want = want.split(stop)[0]
+        assert got == want, item
 
 
 def test_generate_exact_match_on_a_model_that_knows_the_answer(zoo):

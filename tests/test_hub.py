@@ -68,7 +68,7 @@ def ours(config: dict, out: Path):
 
 
 def test_hub_ids_merge_from_the_local_cache(hub, offline_cache, tmp_path):
-    by_id = ties("org/tiny-base", f"org/tiny-ft1@{COMMIT[:10]}", f"org/tiny-ft2@main")
+    by_id = ties("org/tiny-base", f"org/tiny-ft1@{COMMIT[:10]}", "org/tiny-ft2@main")
     cfg = parse_config(by_id)
     assert cfg.resolve_model("org/tiny-base") == offline_cache / "models--org--tiny-base" / "snapshots" / COMMIT
     local = ties(str(hub["base"]), str(hub["ft1"]), str(hub["ft2"]))

@@ -23,7 +23,7 @@ import torch
 import yaml
 from conftest import REPO, run_cli, run_here, snapshot
 from safetensors.torch import load_file, save_file
-from studyfiles import addition_items, reverse_items, write_jsonl
+from studyfiles import addition_items, write_jsonl
 
 MODELS = ("base", "ft_add", "ft_reverse")
 
