@@ -48,12 +48,13 @@ def item_weights(how: str, references: dict[str, float]) -> dict[str, float]:
 
 
 def check_references(references: dict[str, float], where: str) -> dict[str, float]:
-    """Every reference must be > 0: a task no parent scores on cannot be normalized."""
+    """Every reference must be > 0: a task no parent scores on (or none could be scored on) cannot be normalized."""
     for task, value in references.items():
         if not value > 0:
-            raise StudyError(f"task {task}: the best parent scores {value:g} on the search items, so scores cannot "
-                             f"be normalized by it: give the task a `reference:` (the score that counts as keeping "
-                             f"the skill) or use objective: {{aggregate: mean}}", where)
+            why = "no parent could be scored" if math.isnan(value) else f"the best parent scores {value:g}"
+            raise StudyError(f"task {task}: {why} on the search items, so its scores cannot be normalized: give the "
+                             f"task a `reference:` (the score that counts as keeping the skill) or use objective: "
+                             f"{{aggregate: mean}}", where)
     return references
 
 

@@ -12,12 +12,13 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import optuna
 import yaml
 from optuna.trial import TrialState
 
 from merge_core.config import dump_config, parse_config
 from search import StudyError
-from search.store import holdout_results
+from search.store import best_complete, holdout_results
 
 BEST_CONFIG = "best_config.yaml"
 
@@ -159,3 +160,12 @@ def choose_trial(study, number: int | None):
     if trial.number in held:
         return trial, "held-out", held[trial.number]["score"], held[trial.number]["scores"]
     return trial, "search", trial.user_attrs.get("score"), trial.user_attrs.get("scores", {})
+
+
+def maybe_write_best(study: optuna.Study, study_cfg, trial=None) -> None:
+    """Rewrite best_config.yaml if `trial` (or, without one, whatever is best) is the best so far."""
+    with folder_lock(study_cfg.output_dir, ".best.lock"):
+        best = best_complete(study)
+        if best is None or (trial is not None and best.number != trial.number):
+            return
+        write_best_config(study_cfg.output_dir, best, "search", study_cfg.name, study_cfg.base_dir)

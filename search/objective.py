@@ -21,7 +21,7 @@ from merge_core import MergeConfigError
 from merge_core.config import dump_config
 from merge_core.engine import MergeEngine, NonFiniteMerge
 from merge_core.prepare import load_tokenizer, prepare
-from search.compare import aggregate, item_weights
+from search.compare import aggregate, check_references, item_weights
 from search.space import SearchSpace
 from search.study import StudyConfig
 
@@ -109,27 +109,42 @@ class TrialRunner:
 
     def measure_references(self) -> dict[str, float]:
         """Per task, the best parent's score on the search items: each searched model alone (its parent seed genome,
-        merged by this engine), or, where the space cannot express a parent, the model itself."""
-        best: dict[str, float] = {}
-        for scores in self._parent_scores():
+        merged by this engine), or, where the space cannot express a parent, the model itself. A parent that
+        cannot be scored (NaN/inf, out of memory) is left out with a warning; a task no parent could be scored
+        on gets NaN (check_references then asks for a `reference:`)."""
+        best = {spec.name: math.nan for spec in self.study.evaluation.tasks}
+        for label, scores in self._parent_scores():
+            if isinstance(scores, str):
+                log.warning("reference: parent %s cannot be scored (%s); left out", label, scores)
+                continue
             for task, score in scores.items():
-                best[task] = max(best.get(task, -math.inf), score)
+                best[task] = score if math.isnan(best[task]) else max(best[task], score)
         return best
 
-    def _parent_scores(self) -> list[dict[str, float]]:
+    def _parent_scores(self) -> list[tuple[str, dict[str, float] | str]]:
         parents = self.space.parent_genomes()
         if parents is not None:
-            return [self._task_scores(self.space.config(genome)) for _, genome in parents]
+            return [(label, self._task_scores(lambda: self.evaluate(self.space.config(genome), "search")[0]))
+                    for label, genome in parents]
         out = []
         for m in self.space.searched_models:
             alone = self.space.parent_config(m)
             engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
-            out.append({t.name: t.score for t in self.suite.evaluate(engine.materialize(alone), "search").tasks})
+            out.append((self.space.model_refs[m], self._task_scores(
+                lambda: self.suite.evaluate(engine.materialize(alone, check_finite=True), "search"))))
             del engine
         return out
 
-    def _task_scores(self, config) -> dict[str, float]:
-        result, _, _ = self.evaluate(config, "search")
+    @staticmethod
+    def _task_scores(evaluate) -> dict[str, float] | str:
+        """Per-task scores of `evaluate()`, or why the candidate could not be scored."""
+        try:
+            result = evaluate()
+        except Exception as err:  # noqa: BLE001 - faults of a candidate; anything else propagates
+            reason = fault_reason(err)
+            if reason is None:
+                raise
+            return reason
         return {t.name: t.score for t in result.tasks}
 
     # ---- one trial ------------------------------------------------------------------------------
@@ -181,3 +196,26 @@ class TrialRunner:
                 raise optuna.TrialPruned(f"pruned after {progress.done} of {progress.total} items")
 
         return report
+
+
+# ---- the references of the objective ---------------------------------------------------------------------
+REFERENCES_ATTR = "references"     # {"measured": {task: best parent's search score}}
+
+
+def ensure_references(study: optuna.Study, study_cfg: StudyConfig, make_runner) -> dict[str, float]:
+    """The objective's per-task references, measured once per study on the search items (the best parent's score
+    per task) and stored with it, so that a resumed search and every worker use the same ones."""
+    if REFERENCES_ATTR not in study.user_attrs:
+        runner = make_runner()
+        study.set_user_attr(REFERENCES_ATTR, {"measured": runner.measure_references()})
+    return references_of(study, study_cfg)
+
+
+def references_of(study: optuna.Study, study_cfg: StudyConfig) -> dict[str, float]:
+    """The references in use: a task's own `reference:` where given, else the measured one."""
+    measured = (study.user_attrs.get(REFERENCES_ATTR) or {}).get("measured", {})
+    used = {spec.name: spec.reference if spec.reference is not None else measured.get(spec.name, math.nan)
+            for spec in study_cfg.evaluation.tasks}
+    return check_references(used, study_cfg.path.name) if study_cfg.aggregate != "mean" else used
+
+

@@ -12,6 +12,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
+from conftest import run_here
 from studyfiles import addition_items, write_jsonl
 
 from merge_core.config import parse_config
@@ -94,6 +95,8 @@ def write_loud_study(zoo, root: Path, loud: Path, trials: int, merge_extra: dict
         "space": {"granularity": "global", "params": params or {"weight": [0.0, 3.0]}},
         "evaluation": {"tasks": [{"name": "add", "kind": "multiple_choice", "path": "data/add.jsonl"}]},
         "sampler": {"name": "random", "seed": 0}, "seed_trials": [], "budget": {"trials": trials},
+        # the loud parent itself overflows in float16: no reference to normalize by (see the test below)
+        "objective": {"aggregate": "mean"},
     }
     path = root / "loud.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
@@ -108,6 +111,17 @@ def run_with(path: Path, queued: list[dict], trials: int):
         study.enqueue_trial({name: genome[name.split(".")[0]] for name in space.names})
     assert run_search(cfg, trials=trials, timeout=None, device="cpu") == 0
     return cfg, {t.number: t for t in study.get_trials()}
+
+
+def test_a_parent_that_cannot_be_scored_stops_a_normalized_search_before_it_starts(zoo, tmp_path):
+    loud = loud_model(zoo, tmp_path, 3e4)
+    path = write_loud_study(zoo, tmp_path, loud, trials=3)
+    data = yaml.safe_load(path.read_text())
+    data["objective"] = {"aggregate": "normalized"}
+    path.write_text(yaml.safe_dump(data))
+    proc = run_here("search", path, "--no-progress", "--device", "cpu", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "no parent could be scored" in lines[-1] and "reference:" in lines[-1], proc.stderr
 
 
 def test_float16_search_fails_overflowing_candidates_and_goes_on(zoo, tmp_path):
