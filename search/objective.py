@@ -127,12 +127,11 @@ class TrialRunner:
             return [(label, self._task_scores(lambda: self.evaluate(self.space.config(genome), "search")[0]))
                     for label, genome in parents]
         out = []
-        for m in self.space.searched_models:
+        for m in self.space.searched_models:     # one small engine a parent (the next replaces it)
             alone = self.space.parent_config(m)
             engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
-            out.append((self.space.model_refs[m], self._task_scores(
-                lambda: self.suite.evaluate(engine.materialize(alone, check_finite=True), "search"))))
-            del engine
+            model = engine.materialize(alone, check_finite=True)
+            out.append((self.space.model_refs[m], self._task_scores(lambda: self.suite.evaluate(model, "search"))))
         return out
 
     @staticmethod
