@@ -130,8 +130,8 @@ class TrialRunner:
         for m in self.space.searched_models:     # one small engine a parent (the next replaces it)
             alone = self.space.parent_config(m)
             engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
-            model = engine.materialize(alone, check_finite=True)
-            out.append((self.space.model_refs[m], self._task_scores(lambda: self.suite.evaluate(model, "search"))))
+            out.append((self.space.model_refs[m], self._task_scores(
+                lambda: self.suite.evaluate(engine.materialize(alone, check_finite=True), "search"))))
         return out
 
     @staticmethod
