@@ -17,7 +17,7 @@ from merge_core.config import parse_config, read_yaml_mapping, resolve_path
 from search import StudyError, store
 from search.compare import AGGREGATES
 
-DEFAULT_AGGREGATE = "normalized"     # chosen by measurement: README, "Choosing the objective"
+DEFAULT_AGGREGATE = "worst"          # chosen by measurement: README, "Choosing the objective"
 DEFAULT_EVERY = 16                   # items per task between pruner reports
 SAMPLERS = tuple(store.SAMPLERS)
 PRUNERS = tuple(store.PRUNERS)

@@ -82,7 +82,7 @@ def test_references_are_measured_once_stored_and_overridable(zoo, tmp_path, monk
         assert measured[task] == pytest.approx(max(s[task] for s in parents.values()))
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
-            expected = aggregate(t.user_attrs["scores"], "normalized", {"add": 1.0, "rev": 1.0}, measured)
+            expected = aggregate(t.user_attrs["scores"], cfg.aggregate, {"add": 1.0, "rev": 1.0}, measured)
             assert t.user_attrs["score"] == pytest.approx(expected) and t.value == pytest.approx(expected)
     data = yaml.safe_load(path.read_text())                      # a task's own `reference:` wins
     data["evaluation"]["tasks"][0]["reference"] = 0.5
