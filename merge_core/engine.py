@@ -27,7 +27,7 @@ from merge_core.config import MergeConfig
 from merge_core.errors import MergeConfigError
 from merge_core.lora import build_inputs
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, one_thread_per_op
+from merge_core.plan import TensorTask, all_finite, merge_one, one_thread_per_op
 from merge_core.prepare import build_model, load_tokenizer, pick_device, prepare, stored_float_dtype
 from merge_core.sources import ModelSource, check_compatible, torch_dtype
 
@@ -99,7 +99,7 @@ class MergeEngine:
             if item is not None:            # LoRA sources: the base held once, updates low-rank where possible
                 if self.method.delta_based:
                     item.drop_raw()
-                item.out = target
+                item.out, item.reused = target, True
                 inputs.append(item)
                 continue
             tensors = []
@@ -113,6 +113,7 @@ class MergeEngine:
             if self.method.delta_based:
                 item.drop_raw()
             item.out = target           # methods that can write the merge straight into the live parameter
+            item.reused = True          # statistics that make later trials cheaper are worth computing
             inputs.append(item)
         return inputs
 
@@ -140,8 +141,8 @@ class MergeEngine:
             if merged is not target:
                 target.copy_(merged)
             # Checked in the live model's dtype: a finite merge can still overflow on the cast to out_dtype.
-            if check_finite and not bool(torch.isfinite(target).all()):
-                why = "" if merged is target or not bool(torch.isfinite(merged).all()) else (
+            if check_finite and not all_finite(target):
+                why = "" if merged is target or not all_finite(merged) else (
                     f" (overflow on the cast from {self.compute_dtype} to {self.out_dtype})")
                 raise NonFiniteMerge(f"non-finite values in merged tensor {task.out_name}{why}")
 

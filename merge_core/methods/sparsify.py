@@ -40,13 +40,70 @@ def magnitude_order(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _BITS and n < 2**31:
-        int_type, top = _BITS[flat.dtype]
-        bits = flat.view(int_type).numpy().astype(np.int64) & top       # |x| as bits: drop the sign bit
-        keys = ((top - bits) << 32) | np.arange(n, dtype=np.int64)
+        bits = _magnitude_bits(flat).astype(np.int64)
+        keys = ((_BITS[flat.dtype][1] - bits) << 32) | np.arange(n, dtype=np.int64)
         keys.sort()
         return torch.from_numpy((keys & 0xFFFFFFFF).astype(np.int32))
     order = torch.sort(flat.abs(), descending=True, stable=True).indices
     return order.to(torch.int32) if n < 2**31 else order
+
+
+def _magnitude_bits(flat: torch.Tensor) -> np.ndarray:
+    """|x| as integers that order as |x| does (a float's bits without the sign bit); a new numpy array."""
+    int_type, top = _BITS[flat.dtype]
+    return flat.view(int_type).numpy() & top
+
+
+SAMPLE = 1 << 14     # elements sampled to bracket a rank (selection below): at most this many, 1 in 16 or fewer
+CHUNK = 1 << 16      # elements per pass-chunk of the selection: its temporaries stay in cache
+
+
+def rank_position(x: torch.Tensor, r: int) -> int:
+    """Flat position of the element of rank r by |x| (0 = largest, equal |x| in flattened order), as
+    `magnitude_order(x)[r]` but without sorting: O(n), one pass over x (plus a rare second one).
+
+    A sample at random (seeded) positions brackets the rank's value, [lo, hi]; one pass, chunk by chunk, counts
+    the elements above hi and gathers the positions of those inside (in flattened order); a partition of those
+    few finds the value, and the run of elements equal to it, in flattened order, gives the position. A bracket
+    that misses (rare) is widened to all values above or below it, so the answer never depends on the sample.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if flat.device.type != "cpu" or flat.dtype not in _BITS or n < 4096:
+        return int(magnitude_order(x)[r])
+    int_type, top = _BITS[flat.dtype]
+    raw = flat.view(int_type).numpy()
+    m = min(SAMPLE, n // 16)
+    sample = raw[np.random.default_rng(0).integers(0, n, m)] & top       # random: a stride would follow rows
+    guess, margin = m - 1 - r * m // n, 2 * math.isqrt(m) + 8      # ascending index of rank r's value, slack
+    ends = max(0, guess - margin), min(m - 1, guess + margin)
+    lo, hi = (int(v) for v in np.partition(sample, ends)[list(ends)])
+    while True:
+        above, inside = _bracket_pass(raw, top, lo, hi)
+        if above > r:                        # rank r lies above the bracket
+            lo, hi = hi + 1, top
+        elif above + inside.size <= r:       # below it
+            lo, hi = 0, lo - 1
+        else:
+            break
+    values = raw[inside] & top
+    need = r - above                         # rank r is the need-th largest inside the bracket (0-based)
+    kth = values.size - 1 - need
+    value = np.partition(values, kth)[kth]
+    larger = int(np.count_nonzero(values > value))
+    return int(inside[values == value][need - larger])
+
+
+def _bracket_pass(raw: np.ndarray, top: int, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """(how many |x| > hi, the flat positions with lo <= |x| <= hi in order), |x| = raw & top, chunk by chunk."""
+    unsigned = raw.dtype.str.replace("i", "u")
+    above, inside = 0, []
+    for start in range(0, raw.size, CHUNK):
+        bits = raw[start:start + CHUNK] & top
+        above += int(np.count_nonzero(bits > hi))
+        bits -= lo                                          # lo <= |x| <= hi as one unsigned comparison
+        inside.append(np.flatnonzero(bits.view(unsigned) <= hi - lo) + start)
+    return above, np.concatenate(inside)
 
 
 def keep_ranks(values: torch.Tensor, ordered: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
@@ -147,9 +204,10 @@ def _below(value: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
 
 
-def rank_window(x: torch.Tensor, order: torch.Tensor, start: int, stop: int) -> RankWindow | None:
-    """What keeps the ranks [start, stop) of |x|, given `order = magnitude_order(x)`; None = everything."""
-    n = order.numel()
+def rank_window(x: torch.Tensor, position: Callable[[int], int], start: int, stop: int) -> RankWindow | None:
+    """What keeps the ranks [start, stop) of |x|, given `position(r)`: the flat position of the element of rank r
+    (`magnitude_order(x)[r]`, or `rank_position(x, r)`); None = everything."""
+    n = x.numel()
     start, stop = max(0, start), min(n, stop)
     if start == 0 and stop >= n:
         return None
@@ -158,11 +216,11 @@ def rank_window(x: torch.Tensor, order: torch.Tensor, start: int, stop: int) -> 
     flat = x.reshape(-1)
     window = {}
     if stop < n:
-        last = int(order[stop - 1])                  # the smallest kept, the last of its run that is kept
+        last = position(stop - 1)                # the smallest kept, the last of its run that is kept
         low = abs(float(flat[last]))
         window.update(lows=(_below(low, x.dtype), low), low_last=last)
     if start > 0:
-        first = int(order[start])                    # the largest kept, the first of its run that is kept
+        first = position(start)                  # the largest kept, the first of its run that is kept
         high = abs(float(flat[first]))
         window.update(highs=(_below(high, x.dtype), high), high_first=first)
     return RankWindow(**window)
@@ -180,8 +238,14 @@ class MaskKeep(Keep):
 
 
 # ---- the trims ----------------------------------------------------------------------------------
-def _abs_order(inputs: TensorInputs, j: int) -> torch.Tensor:
-    return inputs.cached(f"abs_order/{j}", lambda: magnitude_order(inputs.deltas[j]))
+def _ranked(inputs: TensorInputs, j: int) -> Callable[[int], int]:
+    """position(r) of |delta_j| (see `rank_window`): from the full rank order, computed once and cached, when the
+    inputs serve many trials (the engine: then a trial's trim costs O(1)); by selection otherwise (a one-off merge:
+    O(n) instead of a sort)."""
+    if not inputs.reused:
+        return lambda r: rank_position(inputs.deltas[j], r)
+    order = inputs.cached(f"abs_order/{j}", lambda: magnitude_order(inputs.deltas[j]))
+    return lambda r: int(order[r])
 
 
 def magnitude_mask(inputs: TensorInputs, j: int, density: float) -> Keep | None:
@@ -192,7 +256,7 @@ def magnitude_mask(inputs: TensorInputs, j: int, density: float) -> Keep | None:
     if density <= 0 or delta.numel() == 0:
         return NOTHING
     k = max(1, int(density * delta.numel()))
-    return rank_window(delta, _abs_order(inputs, j), 0, k)
+    return rank_window(delta, _ranked(inputs, j), 0, k)
 
 
 def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> Keep | None:
@@ -206,7 +270,7 @@ def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> 
     n = delta.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    return rank_window(delta, _abs_order(inputs, j), n - bottom - target, n - bottom)
+    return rank_window(delta, _ranked(inputs, j), n - bottom - target, n - bottom)
 
 
 def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torch.Generator | None
