@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from merge_core.errors import MergeConfigError
+from merge_core.methods import fused
 from merge_core.methods.base import TensorInputs, spans
 
 RESCALE_EPS = 1e-7  # mergekit skips the L1 rescale when either norm is below this
@@ -159,8 +160,13 @@ class Keep:
 
     cuts: tuple[int, ...] = ()
     l1: float | None = None
+    fused = False            # whether fill_term describes it to the fused loop (fused.c)
 
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fill_term(self, term, lo: int) -> None:
+        """Describe this trim for the segment starting at `lo` in a fused.Term."""
         raise NotImplementedError
 
 
@@ -181,17 +187,26 @@ class RankWindow(Keep):
     highs: tuple[float, float] | None = None    # lambdas at positions < high_first, >= high_first
     high_first: int = 0
 
+    fused = True
+
     @property
     def cuts(self) -> tuple[int, ...]:
         return ((self.low_last + 1,) if self.lows else ()) + ((self.high_first,) if self.highs else ())
 
+    def bounds(self, lo: int) -> tuple[float | None, float | None]:
+        """The two lambdas in force from position lo to the next cut (None: no such bound)."""
+        return (self.lows[lo > self.low_last] if self.lows else None,
+                self.highs[lo >= self.high_first] if self.highs else None)
+
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        out = x
-        if self.lows:
-            out = torch.nn.functional.hardshrink(x, self.lows[lo > self.low_last])
-        if self.highs:
-            out = out - torch.nn.functional.hardshrink(x, self.highs[lo >= self.high_first])
-        return out
+        low, high = self.bounds(lo)
+        out = x if low is None else torch.nn.functional.hardshrink(x, low)
+        return out if high is None else out - torch.nn.functional.hardshrink(x, high)
+
+    def fill_term(self, term, lo: int) -> None:
+        low, high = self.bounds(lo)       # the same rule: kept where low < |x| <= high
+        term.low = -1.0 if low is None else low
+        term.high = math.inf if high is None else high
 
 
 NOTHING = RankWindow(lows=(math.inf, math.inf))
@@ -201,7 +216,13 @@ def _below(value: float, dtype: torch.dtype) -> float:
     """The largest `dtype` value under `value` (|x| > it is |x| >= value); any negative number for value 0."""
     if value <= 0:
         return -1.0
+    if dtype in _NUMPY:                     # numpy's scalar is ~20x cheaper than two torch tensors (per trial)
+        kind = _NUMPY[dtype]
+        return float(np.nextafter(kind(value), kind(-math.inf)))
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
 def rank_window(x: torch.Tensor, position: Callable[[int], int], start: int, stop: int) -> RankWindow | None:
@@ -341,7 +362,9 @@ def l1_rescale(inputs: TensorInputs, j: int, keep: Keep | None) -> float:
         return 1.0
     before = inputs.cached(f"l1/{j}", lambda: float(inputs.deltas[j].abs().sum()))
     after = keep.l1
-    if after is None:
+    if after is None and keep.fused and fused.usable(inputs.deltas[j]):
+        after = fused.kept_abs_sum(inputs.deltas[j], keep)
+    elif after is None:
         flat = inputs.deltas[j].reshape(-1)
         after = sum(float(keep.kept(flat[lo:hi], lo).abs().sum()) for lo, hi in spans(flat, keep.cuts))
     if before < RESCALE_EPS or after < RESCALE_EPS:

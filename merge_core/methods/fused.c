@@ -1,0 +1,110 @@
+/* The task-arithmetic family's per-element work in one pass (see fused.py, which compiles and calls this).
+
+   out[i] = base[i] + mix_i, from n task vectors ("terms"), each trimmed (kept) then weighted:
+     kept_j = d_j where low_j < |d_j| <= high_j                    (a magnitude window: TIES, breadcrumbs)
+              and, for a random trim, where draw_j(i) < keep prob    (DARE: a constant; DELLA: a + b * rank_j[i])
+     u_j    = coeff_j * kept_j
+   without consensus: mix = sum_j u_j   (coeffs already carry lambda / sum of weights)
+   with consensus (TIES sign election, as mergekit): s = sum_j u_j >= 0 ? +1 : -1; u_j agrees when sign(u_j) = s;
+     mix = lambda * (sum of agreeing u_j) / (normalize ? sum of agreeing weight_j, 1 when 0 : 1)
+   NaN in a task vector propagates (as torch's hardshrink keeps it); accumulation is float32 in term order.
+
+   draw_j(i) is SplitMix64's output for state key_j + (i + 1) * golden: a counter-based stream, so any element
+   can be drawn on its own (no mask is stored; the L1 pass and the combine pass draw the same numbers). */
+
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    const float *delta;      /* task vector j at the segment's first element */
+    const float *rank;       /* DELLA: rank of |d| in its row, in [0, 1], at the segment's first element */
+    uint64_t key;            /* random trims: the stream's key */
+    float low, high;         /* the window (low < 0: no lower bound; high = inf: no upper bound) */
+    float coeff, weight;     /* u = coeff * kept; weight: its term of the divisor */
+    float prob_a, prob_b;    /* random trims: keep probability a (DARE) or a + b * rank (DELLA) */
+    int32_t random;          /* 0: window only; 1: DARE; 2: DELLA */
+    int32_t pad;
+} Term;
+
+#define BLOCK 512
+#define GOLDEN 0x9E3779B97F4A7C15ULL
+
+static inline uint64_t draw(uint64_t key, int64_t i) {
+    uint64_t z = key + (uint64_t)(i + 1) * GOLDEN;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* uniform in [0, 1): the top 24 bits, exact in float32 */
+static inline float uniform(uint64_t key, int64_t i) { return (float)(draw(key, i) >> 40) * 0x1p-24f; }
+
+/* kept_j for m elements from the segment's element i0 (global position at0) into k */
+static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float *k) {
+    const float *d = t->delta + i0;
+    float low = t->low, high = t->high;
+    for (int64_t i = 0; i < m; i++) {
+        float a = fabsf(d[i]);
+        k[i] = (a <= low || a > high) ? 0.0f : d[i];     /* NaN compares false: kept */
+    }
+    if (t->random == 1) {
+        for (int64_t i = 0; i < m; i++)
+            if (!(uniform(t->key, at0 + i) < t->prob_a)) k[i] = 0.0f;
+    } else if (t->random == 2) {
+        const float *r = t->rank + i0;
+        for (int64_t i = 0; i < m; i++)
+            if (!(uniform(t->key, at0 + i) < t->prob_a + t->prob_b * r[i])) k[i] = 0.0f;
+    }
+}
+
+/* sum |kept_j| over n elements (the L1 rescale's "after"): float32 per block, float64 across blocks */
+double kept_abs_sum(int64_t n, const Term *t, int64_t offset) {
+    float k[BLOCK];
+    double sum = 0.0;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t m = n - b < BLOCK ? n - b : BLOCK;
+        kept_block(t, b, offset + b, m, k);
+        float part = 0.0f;
+        for (int64_t i = 0; i < m; i++) part += fabsf(k[i]);
+        sum += part;
+    }
+    return sum;
+}
+
+void combine(int64_t n, const float *base, float *out, int32_t terms, const Term *t, int32_t consensus,
+             int32_t normalize, float lam, int64_t offset) {
+    float k[BLOCK], total[BLOCK], pos[BLOCK], neg[BLOCK], wpos[BLOCK], wneg[BLOCK];
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t m = n - b < BLOCK ? n - b : BLOCK;
+        for (int64_t i = 0; i < m; i++) total[i] = pos[i] = neg[i] = wpos[i] = wneg[i] = 0.0f;
+        for (int32_t j = 0; j < terms; j++) {
+            float c = t[j].coeff, w = t[j].weight;
+            kept_block(&t[j], b, offset + b, m, k);
+            if (!consensus) {
+                for (int64_t i = 0; i < m; i++) total[i] += c * k[i];
+                continue;
+            }
+            for (int64_t i = 0; i < m; i++) {
+                float u = c * k[i];
+                total[i] += u;
+                pos[i] += u > 0.0f ? u : 0.0f;
+                neg[i] += u < 0.0f ? u : 0.0f;
+                wpos[i] += u > 0.0f ? w : 0.0f;
+                wneg[i] += u < 0.0f ? w : 0.0f;
+            }
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float mix = total[i];
+            if (consensus && !isnan(mix)) {            /* NaN: left in, so that it reaches the output */
+                int up = mix >= 0.0f;
+                mix = up ? pos[i] : neg[i];
+                if (normalize) {
+                    float den = up ? wpos[i] : wneg[i];
+                    mix /= den == 0.0f ? 1.0f : den;
+                }
+                mix *= lam;
+            }
+            out[b + i] = base[b + i] + mix;
+        }
+    }
+}

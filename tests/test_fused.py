@@ -1,0 +1,55 @@
+"""The fused loop (fused.c) and the torch operations compute the same task-arithmetic merges; without a compiler
+the torch operations run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from merge_core.methods import TensorInputs, fused, get_method
+
+pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: only the torch path exists here")
+
+
+def _merge(method: str, tensors: list[torch.Tensor], params: dict, model_params: list[dict], use_fused: bool,
+           monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(fused, "_loaded", [] if use_fused else [None])
+    inputs = TensorInputs("t", [f"m{i}" for i in range(len(tensors))], tensors, 0)
+    return get_method(method).merge(inputs, params, model_params)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_fused_equals_torch_operations(method, monkeypatch):
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    for _ in range(12):
+        n = rng.choice([1, 37, 5000, 70001])
+        base = torch.randn(n, generator=gen)
+        tensors = [base] + [base + torch.randn(n, generator=gen).mul_(0.01).round_(decimals=4)   # runs of ties
+                            for _ in range(rng.choice([1, 2, 3]))]
+        model_params = [{}] + [{"weight": rng.choice([0.3, 0.7, 1.0, -0.4142]), "density": rng.choice([0.2, 0.5, 1.0]),
+                                "gamma": 0.02} for _ in tensors[1:]]
+        params = {"normalize": rng.random() < 0.5, "rescale": rng.random() < 0.5, "lambda": rng.choice([1.0, 0.7])}
+        ours = _merge(method, tensors, params, model_params, True, monkeypatch)
+        theirs = _merge(method, tensors, params, model_params, False, monkeypatch)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (method, n, params, model_params)
+
+
+def test_fused_divides_by_one_where_agreeing_weights_cancel(monkeypatch):
+    """mergekit sets a zero divisor to 1: with weights 0.5 and -0.5 on opposite-signed deltas both agree."""
+    base = torch.zeros(4)
+    tensors = [base, torch.tensor([1.0, 2.0, -1.0, 0.0]), torch.tensor([-1.0, -2.0, 1.0, 0.0])]
+    model_params = [{}, {"weight": 0.5, "density": 1.0}, {"weight": -0.5, "density": 1.0}]
+    for use_fused in (True, False):
+        out = _merge("ties", tensors, {"normalize": True}, model_params, use_fused, monkeypatch)
+        assert torch.equal(out, torch.tensor([1.0, 2.0, -1.0, 0.0])), use_fused
+
+
+@pytest.mark.parametrize("where", ["base", "delta"])
+def test_fused_lets_nan_through(where, monkeypatch):
+    base = torch.randn(100)
+    ft = base + 0.01
+    (base if where == "base" else ft)[7] = float("nan")
+    out = _merge("ties", [base, ft], {}, [{}, {"weight": 1.0, "density": 0.5}], True, monkeypatch)
+    assert torch.isnan(out[7])
