@@ -17,10 +17,11 @@ def _merge(method: str, tensors: list[torch.Tensor], params: dict, model_params:
            monkeypatch) -> torch.Tensor:
     monkeypatch.setattr(fused, "_loaded", [] if use_fused else [None])
     inputs = TensorInputs("t", [f"m{i}" for i in range(len(tensors))], tensors, 0)
-    return get_method(method).merge(inputs, params, model_params)
+    return get_method(method).merge(inputs, params, model_params, torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear",
+                                    "dare_ties", "della", "della_linear"])
 def test_fused_equals_torch_operations(method, monkeypatch):
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     for _ in range(12):
@@ -29,7 +30,7 @@ def test_fused_equals_torch_operations(method, monkeypatch):
         tensors = [base] + [base + torch.randn(n, generator=gen).mul_(0.01).round_(decimals=4)   # runs of ties
                             for _ in range(rng.choice([1, 2, 3]))]
         model_params = [{}] + [{"weight": rng.choice([0.3, 0.7, 1.0, -0.4142]), "density": rng.choice([0.2, 0.5, 1.0]),
-                                "gamma": 0.02} for _ in tensors[1:]]
+                                "gamma": 0.02, "epsilon": 0.1} for _ in tensors[1:]]
         params = {"normalize": rng.random() < 0.5, "rescale": rng.random() < 0.5, "lambda": rng.choice([1.0, 0.7])}
         ours = _merge(method, tensors, params, model_params, True, monkeypatch)
         theirs = _merge(method, tensors, params, model_params, False, monkeypatch)
@@ -53,3 +54,17 @@ def test_fused_lets_nan_through(where, monkeypatch):
     (base if where == "base" else ft)[7] = float("nan")
     out = _merge("ties", [base, ft], {}, [{}, {"weight": 1.0, "density": 0.5}], True, monkeypatch)
     assert torch.isnan(out[7])
+
+
+def test_the_random_stream_is_the_same_in_c_and_torch():
+    """DARE's and DELLA's draws: fused.c's stream equals sparsify.uniform's, from any offset (so spans agree)."""
+    from merge_core.methods.sparsify import RandomKeep, uniform
+
+    x = torch.ones(10_000)
+    for key in (0, 12345, 2**63 - 2):
+        keep = RandomKeep(key, 0.5)
+        expected = float((uniform(key, 0, x.numel()) < 0.5).sum())
+        assert fused.kept_abs_sum(x, keep) == expected
+        assert torch.equal(uniform(key, 300, 50), uniform(key, 0, 350)[300:])
+    draws = uniform(7, 0, 1_000_000)
+    assert abs(float(draws.mean()) - 0.5) < 2e-3 and float(draws.min()) >= 0 and float(draws.max()) < 1

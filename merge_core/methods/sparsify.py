@@ -155,12 +155,14 @@ class Keep:
     """The kept part of a task vector, span by span: `kept(x, lo)` for x = flat[lo:lo + len(x)].
 
     `cuts`: flat positions where the rule changes; callers split their spans there (see `base.spans`).
+    `fused`: whether `fill_term` describes it to the fused loop (fused.c); its tensors are then float32 and
+    contiguous whenever the task vector is.
     `l1`: sum |kept|, when the trim already computed it (else None).
     """
 
     cuts: tuple[int, ...] = ()
     l1: float | None = None
-    fused = False            # whether fill_term describes it to the fused loop (fused.c)
+    fused = False
 
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
         raise NotImplementedError
@@ -247,17 +249,6 @@ def rank_window(x: torch.Tensor, position: Callable[[int], int], start: int, sto
     return RankWindow(**window)
 
 
-@dataclass(frozen=True)
-class MaskKeep(Keep):
-    """Keep where a boolean mask (shaped like the task vector) is set."""
-
-    mask: torch.Tensor
-    l1: float | None = None
-
-    def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        return x * self.mask.view(-1)[lo:lo + x.numel()].view(torch.uint8)   # x * bool is 3x slower on CPU
-
-
 # ---- the trims ----------------------------------------------------------------------------------
 def _ranked(inputs: TensorInputs, j: int) -> Callable[[int], int]:
     """position(r) of |delta_j| (see `rank_window`): from the full rank order, computed once and cached, when the
@@ -296,34 +287,12 @@ def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> 
 
 def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torch.Generator | None
                    ) -> Keep | None:
-    """DARE: keep each element with probability `density` (to 2^-31: a uniform 31-bit integer below a threshold).
-
-    Drawn span by span, noting sum |kept| on the way (the L1 rescale needs it before anything is combined).
-    """
-    delta = inputs.deltas[j]
-    threshold = round(density * 2**31)
-    if threshold >= 2**31:
+    """DARE: keep each element with probability `density` (a uniform draw of the counter-based stream below it)."""
+    if density >= 1:
         return None
-    flat = delta.reshape(-1)
-    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    draw = uniform_int31(generator, flat.device)
-    l1 = 0.0
-    for lo, hi in spans(flat):
-        kept = torch.lt(draw(hi - lo), threshold, out=mask[lo:hi])
-        l1 += float((flat[lo:hi] * kept.view(torch.uint8)).abs().sum())
-    return MaskKeep(mask.view(delta.shape), l1)
-
-
-def uniform_int31(generator: torch.Generator | None, device: torch.device) -> Callable[[int], torch.Tensor]:
-    """A source of uniform int32 draws from [0, 2^31), reproducible from `generator`: draw(n) gives the next n.
-
-    On CPU the stream is numpy's SFC64 seeded by one draw of the generator: 0.7 ns a draw there, against 2.2 ns
-    for torch's mt19937 (the largest single cost of a DARE trial).
-    """
-    if device.type != "cpu":
-        return lambda n: torch.empty(n, dtype=torch.int32, device=device).random_(generator=generator)
-    bits = np.random.SFC64(int(torch.randint(0, 2**63 - 1, (), generator=generator)))
-    return lambda n: torch.from_numpy(bits.random_raw((n + 1) // 2).view(np.int32)[:n]).bitwise_and_(0x7FFFFFFF)
+    if density <= 0:
+        return NOTHING
+    return RandomKeep(stream_key(generator), density)
 
 
 def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, generator: torch.Generator | None
@@ -338,9 +307,55 @@ def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, gen
         raise MergeConfigError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
                                f"(density={density}, epsilon={epsilon})", inputs.name)
     rank = inputs.cached(f"della_rank/{j}", lambda: _row_rank(delta))
-    probs = rank * (2 * epsilon)
-    probs += density - epsilon
-    return MaskKeep(_uniform(delta, generator) < probs)
+    return RandomKeep(stream_key(generator), density - epsilon, 2 * epsilon, rank)
+
+
+# ---- the random stream of the random trims ----------------------------------------------------------------
+# Element i of a task vector draws SplitMix64's output for state key + (i + 1) * GOLDEN, the key being one draw of
+# the tensor's seeded generator: a counter-based stream, so any span draws its numbers on its own (no mask is kept:
+# the L1 pass and the merge pass draw the same ones), the same on every device, in fused.c and below.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def stream_key(generator: torch.Generator | None) -> int:
+    """A stream's key: one draw of the (per-tensor seeded) generator."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+
+
+def uniform(key: int, lo: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Draws lo .. lo + n - 1 of the stream `key` as float32 uniforms in [0, 1) (their top 24 bits)."""
+    def signed(v: int) -> int:       # torch has no uint64: the same bits as int64 (products wrap alike)
+        return v - 2**64 if v >= 2**63 else v
+
+    def shift(z: torch.Tensor, bits: int) -> torch.Tensor:      # logical right shift
+        return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+    z = torch.arange(lo + 1, lo + n + 1, dtype=torch.int64, device=device).mul_(signed(GOLDEN)).add_(signed(key))
+    z = (z ^ shift(z, 30)).mul_(signed(MIX1))
+    z = (z ^ shift(z, 27)).mul_(signed(MIX2))
+    z ^= shift(z, 31)
+    return shift(z, 40).to(torch.float32).mul_(2.0**-24)
+
+
+@dataclass(frozen=True)
+class RandomKeep(Keep):
+    """Keep element i where its draw of the stream `key` is below a + b * rank[i] (rank None: a)."""
+
+    key: int
+    a: float
+    b: float = 0.0
+    rank: torch.Tensor | None = None
+    fused = True
+
+    def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        prob = self.a if self.rank is None else self.rank.reshape(-1)[lo:lo + x.numel()] * self.b + self.a
+        return x * (uniform(self.key, lo, x.numel(), x.device) < prob).view(torch.uint8)  # x * bool: 3x slower
+
+    def fill_term(self, term, lo: int) -> None:
+        term.key, term.prob_a, term.prob_b = self.key, self.a, self.b
+        term.random = 1 if self.rank is None else 2
+        if self.rank is not None:
+            term.rank = self.rank.data_ptr() + 4 * lo
 
 
 def _row_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -350,10 +365,6 @@ def _row_rank(delta: torch.Tensor) -> torch.Tensor:
     rank = order.argsort(dim=1).to(torch.float32)
     width = mags.shape[1]
     return (rank / max(width - 1, 1)).reshape(delta.shape)
-
-
-def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
 def l1_rescale(inputs: TensorInputs, j: int, keep: Keep | None) -> float:
