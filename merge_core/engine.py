@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ class MergeEngine:
 
     def _load_inputs(self) -> list[TensorInputs]:
         store = "cpu" if self.offload else self.device
-        read: dict[tuple[str, str], torch.Tensor] = {}
+        read: dict[tuple[str, str], torch.Tensor] = {}     # tensors read, while a later task still needs them
+        uses = Counter(key for task in self.plan for key in task.sources)
         shared: dict[tuple, torch.Tensor] = {}
         inputs = []
         for task, target in zip(self.plan, self._targets):
@@ -103,12 +105,13 @@ class MergeEngine:
                 inputs.append(item)
                 continue
             tensors = []
-            for ref, name in task.sources:
-                key = (ref, name)
+            for key in task.sources:
                 if key not in read:
-                    tensor = self.sources[ref].read(name, self.compute_dtype, store)
+                    tensor = self.sources[key[0]].read(key[1], self.compute_dtype, store)
                     read[key] = tensor.pin_memory() if self.offload else tensor
-                tensors.append(read[key])
+                uses[key] -= 1
+                # the last use lets go: a delta method keeps base + task vectors, not every model's raw tensor
+                tensors.append(read[key] if uses[key] else read.pop(key))
             item = TensorInputs(task.out_name, [ref for ref, _ in task.sources], tensors, task.base_index)
             if self.method.delta_based:
                 item.drop_raw()
