@@ -26,7 +26,7 @@ import torch
 
 from merge_core.config import MergeConfig
 from merge_core.errors import MergeConfigError
-from merge_core.lora import build_inputs
+from merge_core.lora import AdapterSource, build_inputs
 from merge_core.methods import TensorInputs, get_method
 from merge_core.plan import TensorTask, all_finite, merge_one, one_thread_per_op
 from merge_core.prepare import build_model, load_tokenizer, pick_device, prepare, stored_float_dtype
@@ -66,6 +66,8 @@ class MergeEngine:
         self.model = build_model(self.prepared.model_config(), self.device, self.out_dtype)
         self._targets = self._bind_targets()
         self._inputs = self._load_inputs()
+        for source in self.sources.values():    # mapped files would stay in RSS (page cache) for the study's life
+            (source.base if isinstance(source, AdapterSource) else source).release()
         self._tokenizer = None
         self.last = MaterializeStats(0.0, 0)
         log.info("engine ready: %d tensors, %.1f MB resident inputs, %.2fs", len(self.plan),

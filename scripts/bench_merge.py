@@ -300,7 +300,7 @@ def parity(method: str, ours: Path, theirs: Path, base: Path, config: Path) -> d
             if top > 1e-5:
                 positions = (diff > 1e-5).reshape(-1).nonzero().squeeze(1)
                 differing += positions.numel()
-                if method == "ties":
+                if method in ("ties", "breadcrumbs"):
                     unexplained += _not_boundary_ties(config, name, positions)
                 else:
                     unexplained += positions.numel()
@@ -346,16 +346,25 @@ def _not_boundary_ties(config_path: Path, name: str, positions) -> int:
         delta = (sources[ref].read(tensor, config_dtype(config)).reshape(-1) - base).numpy()
         mag = np.abs(delta)
         kept = np.ones(at.size, dtype=bool)
-        if model_params[i].get("density", 1.0) < 1:
-            k = max(1, int(model_params[i]["density"] * mag.size))
-            boundary = np.partition(mag, mag.size - k)[mag.size - k]
-            if np.count_nonzero(mag == boundary) > 1:
-                explained |= mag[at] == boundary
-            kept = mag[at] > boundary
+        density, n = model_params[i].get("density", 1.0), mag.size
+        if density < 1:
+            if config.merge_method.startswith("breadcrumbs"):    # ranks [start, stop) kept (see outlier_mask)
+                target, top = int(density * n), int(model_params[i].get("gamma", 0.01) * n)
+                stop = n - max(0, n - target - top)
+                ranks = [r for r in (stop - target, stop - 1) if 0 <= r < n]
+            else:                                               # the top k
+                ranks = [max(1, int(density * n)) - 1]
+            for r in ranks:
+                boundary = np.partition(mag, n - 1 - r)[n - 1 - r]
+                if np.count_nonzero(mag == boundary) > 1:
+                    explained |= mag[at] == boundary
+            low = np.partition(mag, n - 1 - ranks[-1])[n - 1 - ranks[-1]]
+            kept = mag[at] > low
         term = kept * float(model_params[i].get("weight", 1.0)) * delta[at].astype(np.float64)
         signed_sum += term
         magnitude_sum += np.abs(term)
-    explained |= np.abs(signed_sum) <= 1e-6 * magnitude_sum
+    if config.merge_method in ("ties", "breadcrumbs_ties", "dare_ties", "della"):   # sign election
+        explained |= np.abs(signed_sum) <= 1e-6 * magnitude_sum
     return int((~explained).sum())
 
 

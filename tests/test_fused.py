@@ -68,3 +68,23 @@ def test_the_random_stream_is_the_same_in_c_and_torch():
         assert torch.equal(uniform(key, 300, 50), uniform(key, 0, 350)[300:])
     draws = uniform(7, 0, 1_000_000)
     assert abs(float(draws.mean()) - 0.5) < 2e-3 and float(draws.min()) >= 0 and float(draws.max()) < 1
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
+def test_fused_bfloat16_is_the_float32_merge_rounded_once(method, monkeypatch):
+    """On bfloat16 inputs the fused loop computes in float32 and rounds the output once (to nearest even). (Without
+    the L1 rescale, whose norms torch sums to bfloat16.)"""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 5000, generator=gen).to(torch.bfloat16)
+    tensors = [base] + [(base.float() + torch.randn(3, 5000, generator=gen) * 0.05).to(torch.bfloat16)
+                        for _ in range(2)]
+    model_params = [{}] + [{"weight": w, "density": 0.4, "gamma": 0.02, "epsilon": 0.1} for w in (0.6, 0.9)]
+    ours = _merge(method, tensors, {"normalize": True, "rescale": False}, model_params, True, monkeypatch)
+    # the same task vectors in float32 (a bfloat16 merge takes x - base in bfloat16, as mergekit does)
+    wide_tensors = [base.float()] + [base.float() + (t - base).float() for t in tensors[1:]]
+    assert all(torch.equal(w - wide_tensors[0], (t - base).float()) for w, t in zip(wide_tensors[1:], tensors[1:]))
+    wide = _merge(method, wide_tensors, {"normalize": True, "rescale": False}, model_params, True, monkeypatch)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, wide.to(torch.bfloat16))
+    torch_ops = _merge(method, tensors, {"normalize": True, "rescale": False}, model_params, False, monkeypatch)
+    assert (ours.float() - torch_ops.float()).abs().max() <= 2 ** -6 * base.float().abs().max()   # a few ulps

@@ -8,6 +8,8 @@
    with consensus (TIES sign election, as mergekit): s = sum_j u_j >= 0 ? +1 : -1; u_j agrees when sign(u_j) = s;
      mix = lambda * (sum of agreeing u_j) / (normalize ? sum of agreeing weight_j, 1 when 0 : 1)
    NaN in a task vector propagates (as torch's hardshrink keeps it); accumulation is float32 in term order.
+   Tensors are float32 or bfloat16 (`bf16` flags): bfloat16 values are widened to float32 on load, and the output
+   is rounded to the nearest bfloat16 (ties to even, as torch) once, at the end.
 
    draw_j(i) is SplitMix64's output for state key_j + (i + 1) * golden: a counter-based stream, so any element
    can be drawn on its own (no mask is stored; the L1 pass and the combine pass draw the same numbers). */
@@ -16,14 +18,14 @@
 #include <stdint.h>
 
 typedef struct {
-    const float *delta;      /* task vector j at the segment's first element */
+    const void *delta;       /* task vector j at the segment's first element (float32, or bfloat16 if bf16) */
     const float *rank;       /* DELLA: rank of |d| in its row, in [0, 1], at the segment's first element */
     uint64_t key;            /* random trims: the stream's key */
     float low, high;         /* the window (low < 0: no lower bound; high = inf: no upper bound) */
     float coeff, weight;     /* u = coeff * kept; weight: its term of the divisor */
     float prob_a, prob_b;    /* random trims: keep probability a (DARE) or a + b * rank (DELLA) */
     int32_t random;          /* 0: window only; 1: DARE; 2: DELLA */
-    int32_t pad;
+    int32_t bf16;            /* the task vector is bfloat16 */
 } Term;
 
 #define BLOCK 512
@@ -36,16 +38,30 @@ static inline uint64_t draw(uint64_t key, int64_t i) {
     return z ^ (z >> 31);
 }
 
+static inline float widen(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t narrow(float f) {        /* to bfloat16, round to nearest even (NaN stays NaN) */
+    union { float f; uint32_t u; } v = {.f = f};
+    if (isnan(f)) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* uniform in [0, 1): the top 24 bits, exact in float32 */
-static inline float uniform(uint64_t key, int64_t i) { return (float)(draw(key, i) >> 40) * 0x1p-24f; }
+static inline float uniform(uint64_t key, int64_t i) { return (float)(int32_t)(draw(key, i) >> 40) * 0x1p-24f; }
 
 /* kept_j for m elements from the segment's element i0 (global position at0) into k */
 static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float *k) {
-    const float *d = t->delta + i0;
     float low = t->low, high = t->high;
     for (int64_t i = 0; i < m; i++) {
-        float a = fabsf(d[i]);
-        k[i] = (a <= low || a > high) ? 0.0f : d[i];     /* NaN compares false: kept */
+        float x = load(t->delta, i0 + i, t->bf16), a = fabsf(x);
+        k[i] = (a <= low || a > high) ? 0.0f : x;        /* NaN compares false: kept */
     }
     if (t->random == 1) {
         for (int64_t i = 0; i < m; i++)
@@ -57,22 +73,26 @@ static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float 
     }
 }
 
-/* sum |kept_j| over n elements (the L1 rescale's "after"): float32 per block, float64 across blocks */
+/* sum |kept_j| over n elements (the L1 rescale's "after"): float32 in 16 lanes per block (one serial chain of
+   additions would be 20x slower than the rest of the pass), float64 across blocks */
 double kept_abs_sum(int64_t n, const Term *t, int64_t offset) {
     float k[BLOCK];
     double sum = 0.0;
     for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t m = n - b < BLOCK ? n - b : BLOCK;
+        int64_t m = n - b < BLOCK ? n - b : BLOCK, i = 0;
         kept_block(t, b, offset + b, m, k);
-        float part = 0.0f;
-        for (int64_t i = 0; i < m; i++) part += fabsf(k[i]);
+        float lane[16] = {0.0f}, part = 0.0f;
+        for (; i + 16 <= m; i += 16)
+            for (int j = 0; j < 16; j++) lane[j] += fabsf(k[i + j]);
+        for (; i < m; i++) lane[0] += fabsf(k[i]);
+        for (int j = 0; j < 16; j++) part += lane[j];
         sum += part;
     }
     return sum;
 }
 
-void combine(int64_t n, const float *base, float *out, int32_t terms, const Term *t, int32_t consensus,
-             int32_t normalize, float lam, int64_t offset) {
+void combine(int64_t n, const void *base, void *out, int32_t bf16, int32_t terms, const Term *t,
+             int32_t consensus, int32_t normalize, float lam, int64_t offset) {
     float k[BLOCK], total[BLOCK], pos[BLOCK], neg[BLOCK], wpos[BLOCK], wneg[BLOCK];
     for (int64_t b = 0; b < n; b += BLOCK) {
         int64_t m = n - b < BLOCK ? n - b : BLOCK;
@@ -104,7 +124,9 @@ void combine(int64_t n, const float *base, float *out, int32_t terms, const Term
                 }
                 mix *= lam;
             }
-            out[b + i] = base[b + i] + mix;
+            float merged = load(base, b + i, bf16) + mix;
+            if (bf16) ((uint16_t *)out)[b + i] = narrow(merged);
+            else ((float *)out)[b + i] = merged;
         }
     }
 }

@@ -5,8 +5,9 @@ election, weighted sums, divisor), each a separate kernel call reading and writi
 copying the inputs. fused.c does the same arithmetic element by element in registers, in one pass over the inputs,
 which is about the cost of that copy. It is compiled once per machine with the system's C compiler (`cc`, or $CC)
 into ~/.cache/mergesearch/fused/ (a few tenths of a second) and loaded with ctypes; without a compiler, with
-MERGESEARCH_FUSED=0, on a GPU or for other dtypes than float32, the torch operations in task_arithmetic.py run
-instead. Both give mergekit's values (float32 rounding aside); on one machine every merge path (the engine's
+MERGESEARCH_FUSED=0, on a GPU or for other dtypes than float32 and bfloat16, the torch operations in
+task_arithmetic.py run instead. Both give mergekit's values up to rounding (in bfloat16 the fused loop computes in
+float32 and rounds once, where torch rounds after every operation); on one machine every merge path (the engine's
 trials, the written model) takes the same one, so they agree bit for bit.
 """
 
@@ -38,7 +39,7 @@ class Term(ctypes.Structure):
     _fields_ = [("delta", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("key", ctypes.c_uint64),
                 ("low", ctypes.c_float), ("high", ctypes.c_float), ("coeff", ctypes.c_float),
                 ("weight", ctypes.c_float), ("prob_a", ctypes.c_float), ("prob_b", ctypes.c_float),
-                ("random", ctypes.c_int32), ("pad", ctypes.c_int32)]
+                ("random", ctypes.c_int32), ("bf16", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -79,7 +80,7 @@ def _load():
     except (OSError, subprocess.SubprocessError) as err:
         log.info("fused kernel unavailable (%s): task-arithmetic merges run as torch operations", err)
         return None
-    lib.combine.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+    lib.combine.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                             ctypes.POINTER(Term), ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int64]
     lib.combine.restype = None
     lib.kept_abs_sum.argtypes = [ctypes.c_int64, ctypes.POINTER(Term), ctypes.c_int64]
@@ -96,15 +97,20 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loop can take these tensors (contiguous float32 on CPU) and is available."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and library() is not None)
+    """Whether the fused loop can take these tensors (contiguous float32 or bfloat16 on CPU, all of one dtype) and
+    is available."""
+    return (all(t.device.type == "cpu" and t.dtype == tensors[0].dtype and t.is_contiguous() for t in tensors)
+            and tensors[0].dtype in DTYPES and library() is not None)
 
 
 def term(delta: torch.Tensor, lo: int, keep, coeff: float = 1.0, weight: float = 1.0) -> Term:
     """The Term of task vector `delta` (flat) for the segment starting at `lo`, trimmed by `keep` (None: all)."""
-    t = Term(delta=delta.data_ptr() + 4 * lo, low=-1.0, high=math.inf, coeff=coeff, weight=weight)
+    t = Term(delta=delta.data_ptr() + delta.element_size() * lo, low=-1.0, high=math.inf, coeff=coeff,
+             weight=weight, bf16=int(delta.dtype == torch.bfloat16))
     if keep is not None:
         keep.fill_term(t, lo)
     return t
@@ -123,10 +129,11 @@ def combine(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], k
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_deltas = [d.reshape(-1) for d in deltas]
     cuts = [c for keep in keeps if keep is not None for c in keep.cuts]
+    size, bf16 = base.element_size(), int(base.dtype == torch.bfloat16)
     for lo, hi in segments(flat_base.numel(), cuts):
         terms = (Term * len(deltas))(*(term(d, lo, k, c, w) for d, k, c, w in zip(flat_deltas, keeps, coeffs, weights)))
-        lib.combine(hi - lo, flat_base.data_ptr() + 4 * lo, flat_out.data_ptr() + 4 * lo, len(deltas), terms,
-                    int(consensus), int(normalize), lam, lo)
+        lib.combine(hi - lo, flat_base.data_ptr() + size * lo, flat_out.data_ptr() + size * lo, bf16, len(deltas),
+                    terms, int(consensus), int(normalize), lam, lo)
 
 
 def kept_abs_sum(delta: torch.Tensor, keep) -> float:
