@@ -57,17 +57,20 @@ def test_fused_lets_nan_through(where, monkeypatch):
 
 
 def test_the_random_stream_is_the_same_in_c_and_torch():
-    """DARE's and DELLA's draws: fused.c's stream equals sparsify.uniform's, from any offset (so spans agree)."""
-    from merge_core.methods.sparsify import RandomKeep, uniform
+    """DARE's and DELLA's draws: fused.c's stream equals sparsify.uniform16's, from any offset (so spans agree)."""
+    from merge_core.methods.sparsify import RandomKeep, uniform16
 
     x = torch.ones(10_000)
+    rank = torch.rand(10_000)
     for key in (0, 12345, 2**63 - 2):
-        keep = RandomKeep(key, 0.5)
-        expected = float((uniform(key, 0, x.numel()) < 0.5).sum())
-        assert fused.kept_abs_sum(x, keep) == expected
-        assert torch.equal(uniform(key, 300, 50), uniform(key, 0, 350)[300:])
-    draws = uniform(7, 0, 1_000_000)
-    assert abs(float(draws.mean()) - 0.5) < 2e-3 and float(draws.min()) >= 0 and float(draws.max()) < 1
+        for keep in (RandomKeep(key, 0.5), RandomKeep(key, 0.3, 0.4, rank)):
+            assert fused.kept_abs_sum(x, keep) == float(keep.kept(x, 0).sum())
+            for lo in (0, 1, 3, 517):       # a span from any position draws what the whole stream draws there
+                assert torch.equal(keep.kept(x[lo:], lo), keep.kept(x, 0)[lo:])
+        assert torch.equal(uniform16(key, 301, 50), uniform16(key, 0, 351)[301:])
+    draws = uniform16(7, 0, 1_000_000).float()
+    assert abs(float(draws.mean()) / 65536 - 0.5) < 2e-3 and float(draws.min()) >= 0 and float(draws.max()) < 65536
+    assert abs(float((uniform16(7, 0, 1_000_000) < RandomKeep(7, 0.3).threshold).float().mean()) - 0.3) < 2e-3
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
@@ -87,4 +90,6 @@ def test_fused_bfloat16_is_the_float32_merge_rounded_once(method, monkeypatch):
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours, wide.to(torch.bfloat16))
     torch_ops = _merge(method, tensors, {"normalize": True, "rescale": False}, model_params, False, monkeypatch)
-    assert (ours.float() - torch_ops.float()).abs().max() <= 2 ** -6 * base.float().abs().max()   # a few ulps
+    # torch rounds every step to bfloat16: a few ulps apart, except where that flips a sign election near a tie
+    close = (ours.float() - torch_ops.float()).abs() <= 2 ** -6 * base.float().abs().max()
+    assert float(close.float().mean()) > 0.999

@@ -2,7 +2,7 @@
 
    out[i] = base[i] + mix_i, from n task vectors ("terms"), each trimmed (kept) then weighted:
      kept_j = d_j where low_j < |d_j| <= high_j                    (a magnitude window: TIES, breadcrumbs)
-              and, for a random trim, where draw_j(i) < keep prob    (DARE: a constant; DELLA: a + b * rank_j[i])
+              and, for a random trim, where u_j(i) < keep prob       (DARE: a constant; DELLA: a + b * rank_j[i])
      u_j    = coeff_j * kept_j
    without consensus: mix = sum_j u_j   (coeffs already carry lambda / sum of weights)
    with consensus (TIES sign election, as mergekit): s = sum_j u_j >= 0 ? +1 : -1; u_j agrees when sign(u_j) = s;
@@ -11,8 +11,9 @@
    Tensors are float32 or bfloat16 (`bf16` flags): bfloat16 values are widened to float32 on load, and the output
    is rounded to the nearest bfloat16 (ties to even, as torch) once, at the end.
 
-   draw_j(i) is SplitMix64's output for state key_j + (i + 1) * golden: a counter-based stream, so any element
-   can be drawn on its own (no mask is stored; the L1 pass and the combine pass draw the same numbers). */
+   u_j(i) is a 16-bit uniform: quarter i % 4 (from the low bits) of SplitMix64's output for state
+   key_j + (i / 4 + 1) * golden. A counter-based stream, so any span draws its numbers on its own (no mask is
+   stored; the L1 pass and the combine pass draw the same ones); one 64-bit hash serves four elements. */
 
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +27,8 @@ typedef struct {
     float prob_a, prob_b;    /* random trims: keep probability a (DARE) or a + b * rank (DELLA) */
     int32_t random;          /* 0: window only; 1: DARE; 2: DELLA */
     int32_t bf16;            /* the task vector is bfloat16 */
+    uint32_t threshold;      /* DARE: kept where u < threshold (= ceil(p * 65536)) */
+    int32_t pad;
 } Term;
 
 #define BLOCK 512
@@ -53,8 +56,14 @@ static inline float load(const void *p, int64_t i, int bf16) {
     return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* uniform in [0, 1): the top 24 bits, exact in float32 */
-static inline float uniform(uint64_t key, int64_t i) { return (float)(int32_t)(draw(key, i) >> 40) * 0x1p-24f; }
+/* u for the m elements from global position at0 (the 16-bit quarters of the hashes, little-endian) */
+static void uniforms(uint64_t key, int64_t at0, int64_t m, uint16_t *u) {
+    uint64_t hashes[BLOCK / 4 + 2];
+    int64_t first = at0 >> 2, skip = at0 & 3, groups = (skip + m + 3) >> 2;
+    for (int64_t g = 0; g < groups; g++) hashes[g] = draw(key, first + g);
+    const uint16_t *quarters = (const uint16_t *)hashes + skip;
+    for (int64_t i = 0; i < m; i++) u[i] = quarters[i];
+}
 
 /* kept_j for m elements from the segment's element i0 (global position at0) into k */
 static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float *k) {
@@ -63,13 +72,17 @@ static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float 
         float x = load(t->delta, i0 + i, t->bf16), a = fabsf(x);
         k[i] = (a <= low || a > high) ? 0.0f : x;        /* NaN compares false: kept */
     }
-    if (t->random == 1) {
-        for (int64_t i = 0; i < m; i++)
-            if (!(uniform(t->key, at0 + i) < t->prob_a)) k[i] = 0.0f;
-    } else if (t->random == 2) {
-        const float *r = t->rank + i0;
-        for (int64_t i = 0; i < m; i++)
-            if (!(uniform(t->key, at0 + i) < t->prob_a + t->prob_b * r[i])) k[i] = 0.0f;
+    if (t->random) {
+        uint16_t u[BLOCK];
+        uniforms(t->key, at0, m, u);
+        if (t->random == 1) {
+            uint32_t threshold = t->threshold;
+            for (int64_t i = 0; i < m; i++) k[i] = u[i] < threshold ? k[i] : 0.0f;
+        } else {
+            const float *r = t->rank + i0;
+            for (int64_t i = 0; i < m; i++)
+                k[i] = (float)u[i] * 0x1p-16f < t->prob_a + t->prob_b * r[i] ? k[i] : 0.0f;
+        }
     }
 }
 

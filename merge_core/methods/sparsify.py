@@ -292,7 +292,7 @@ def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torc
         return None
     if density <= 0:
         return NOTHING
-    return RandomKeep(stream_key(generator), density)
+    return RandomKeep(stream_key(generator, j), density)
 
 
 def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, generator: torch.Generator | None
@@ -307,39 +307,48 @@ def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, gen
         raise MergeConfigError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
                                f"(density={density}, epsilon={epsilon})", inputs.name)
     rank = inputs.cached(f"della_rank/{j}", lambda: _row_rank(delta))
-    return RandomKeep(stream_key(generator), density - epsilon, 2 * epsilon, rank)
+    return RandomKeep(stream_key(generator, j), density - epsilon, 2 * epsilon, rank)
 
 
 # ---- the random stream of the random trims ----------------------------------------------------------------
-# Element i of a task vector draws SplitMix64's output for state key + (i + 1) * GOLDEN, the key being one draw of
-# the tensor's seeded generator: a counter-based stream, so any span draws its numbers on its own (no mask is kept:
-# the L1 pass and the merge pass draw the same ones), the same on every device, in fused.c and below.
+# Element i of a task vector draws u(i), a 16-bit uniform: quarter i % 4 (from the low bits) of SplitMix64's output
+# for state key + (i // 4 + 1) * GOLDEN, the key derived from the tensor's seed (`stream_key`). A counter-based
+# stream: any span draws its numbers on its own (no mask is kept: the L1 pass and the merge pass draw the same
+# ones), the same on every device, in fused.c and below; one 64-bit hash serves four elements. Keep probabilities
+# resolve to 2^-16, far below the sampling noise of any tensor.
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def stream_key(generator: torch.Generator | None) -> int:
-    """A stream's key: one draw of the (per-tensor seeded) generator."""
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+def stream_key(generator: torch.Generator | None, j: int) -> int:
+    """Task vector j's stream key: SplitMix64 of the (per-tensor) generator's seed and j, computed in Python (a
+    draw of the generator costs ~10 us, 5% of a DELLA trial); from torch's global generator without one."""
+    if generator is None:
+        return int(torch.randint(0, 2**63 - 1, ()))
+    z = (generator.initial_seed() + (j + 1) * GOLDEN) % 2**64
+    z = ((z ^ (z >> 30)) * MIX1) % 2**64
+    z = ((z ^ (z >> 27)) * MIX2) % 2**64
+    return z ^ (z >> 31)
 
 
-def uniform(key: int, lo: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Draws lo .. lo + n - 1 of the stream `key` as float32 uniforms in [0, 1) (their top 24 bits)."""
+def uniform16(key: int, lo: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """u(lo) .. u(lo + n - 1) of the stream `key`, as int64 in [0, 65536)."""
     def signed(v: int) -> int:       # torch has no uint64: the same bits as int64 (products wrap alike)
         return v - 2**64 if v >= 2**63 else v
 
     def shift(z: torch.Tensor, bits: int) -> torch.Tensor:      # logical right shift
         return (z >> bits) & ((1 << (64 - bits)) - 1)
 
-    z = torch.arange(lo + 1, lo + n + 1, dtype=torch.int64, device=device).mul_(signed(GOLDEN)).add_(signed(key))
+    at = torch.arange(lo, lo + n, dtype=torch.int64, device=device)
+    z = ((at >> 2) + 1).mul_(signed(GOLDEN)).add_(signed(key))
     z = (z ^ shift(z, 30)).mul_(signed(MIX1))
     z = (z ^ shift(z, 27)).mul_(signed(MIX2))
     z ^= shift(z, 31)
-    return shift(z, 40).to(torch.float32).mul_(2.0**-24)
+    return (z >> ((at & 3) * 16)) & 0xFFFF
 
 
 @dataclass(frozen=True)
 class RandomKeep(Keep):
-    """Keep element i where its draw of the stream `key` is below a + b * rank[i] (rank None: a)."""
+    """Keep element i where u(i) / 2^16 < a + b * rank[i] (rank None: a) in the stream `key`."""
 
     key: int
     a: float
@@ -347,12 +356,21 @@ class RandomKeep(Keep):
     rank: torch.Tensor | None = None
     fused = True
 
+    @property
+    def threshold(self) -> int:
+        """Without ranks: kept where u < this (u / 2^16 < a exactly)."""
+        return math.ceil(self.a * 65536)
+
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        prob = self.a if self.rank is None else self.rank.reshape(-1)[lo:lo + x.numel()] * self.b + self.a
-        return x * (uniform(self.key, lo, x.numel(), x.device) < prob).view(torch.uint8)  # x * bool: 3x slower
+        u = uniform16(self.key, lo, x.numel(), x.device)
+        if self.rank is None:
+            keep = u < self.threshold
+        else:
+            keep = u.to(torch.float32).mul_(2.0**-16) < self.rank.reshape(-1)[lo:lo + x.numel()] * self.b + self.a
+        return x * keep.view(torch.uint8)       # x * bool is 3x slower on CPU
 
     def fill_term(self, term, lo: int) -> None:
-        term.key, term.prob_a, term.prob_b = self.key, self.a, self.b
+        term.key, term.prob_a, term.prob_b, term.threshold = self.key, self.a, self.b, self.threshold
         term.random = 1 if self.rank is None else 2
         if self.rank is not None:
             term.rank = self.rank.data_ptr() + 4 * lo
