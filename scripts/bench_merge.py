@@ -410,7 +410,7 @@ class MemorySampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"baseline_bytes": self.baseline, "peak_bytes": self.peak}
+        return {"baseline_bytes": self.baseline, "peak_bytes": self.peak, "at_end_bytes": self.now()}
 
 
 def resident_formula(method: str, params: int, n_models: int, compute_bytes: int, out_bytes: int) -> dict:
