@@ -10,7 +10,7 @@ import torch
 
 from merge_core.methods import TensorInputs, fused, get_method
 
-pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: only the torch path exists here")
+needs_cc = pytest.mark.skipif(fused.library() is None, reason="no C compiler: only the torch path exists here")
 
 
 def _merge(method: str, tensors: list[torch.Tensor], params: dict, model_params: list[dict], use_fused: bool,
@@ -20,6 +20,7 @@ def _merge(method: str, tensors: list[torch.Tensor], params: dict, model_params:
     return get_method(method).merge(inputs, params, model_params, torch.Generator().manual_seed(5))
 
 
+@needs_cc
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear",
                                     "dare_ties", "della", "della_linear"])
 def test_fused_equals_torch_operations(method, monkeypatch):
@@ -37,6 +38,7 @@ def test_fused_equals_torch_operations(method, monkeypatch):
         assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (method, n, params, model_params)
 
 
+@needs_cc
 def test_fused_divides_by_one_where_agreeing_weights_cancel(monkeypatch):
     """mergekit sets a zero divisor to 1: with weights 0.5 and -0.5 on opposite-signed deltas both agree."""
     base = torch.zeros(4)
@@ -47,6 +49,7 @@ def test_fused_divides_by_one_where_agreeing_weights_cancel(monkeypatch):
         assert torch.equal(out, torch.tensor([1.0, 2.0, -1.0, 0.0])), use_fused
 
 
+@needs_cc
 @pytest.mark.parametrize("where", ["base", "delta"])
 def test_fused_lets_nan_through(where, monkeypatch):
     base = torch.randn(100)
@@ -56,6 +59,7 @@ def test_fused_lets_nan_through(where, monkeypatch):
     assert torch.isnan(out[7])
 
 
+@needs_cc
 def test_the_random_stream_is_the_same_in_c_and_torch():
     """DARE's and DELLA's draws: fused.c's stream equals sparsify.uniform16's, from any offset (so spans agree)."""
     from merge_core.methods.sparsify import RandomKeep, uniform16
@@ -73,6 +77,7 @@ def test_the_random_stream_is_the_same_in_c_and_torch():
     assert abs(float((uniform16(7, 0, 1_000_000) < RandomKeep(7, 0.3).threshold).float().mean()) - 0.3) < 2e-3
 
 
+@needs_cc
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
 def test_fused_bfloat16_is_the_float32_merge_rounded_once(method, monkeypatch):
     """On bfloat16 inputs the fused loop computes in float32 and rounds the output once (to nearest even). (Without
@@ -93,3 +98,13 @@ def test_fused_bfloat16_is_the_float32_merge_rounded_once(method, monkeypatch):
     # torch rounds every step to bfloat16: a few ulps apart, except where that flips a sign election near a tie
     close = (ours.float() - torch_ops.float()).abs() <= 2 ** -6 * base.float().abs().max()
     assert float(close.float().mean()) > 0.999
+
+
+def test_without_a_working_compiler_the_torch_path_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("MERGESEARCH_CACHE", str(tmp_path))
+    assert fused._load() is None
+    monkeypatch.setattr(fused, "_loaded", [None])
+    base = torch.randn(1000)
+    out = _merge("ties", [base, base + 0.01], {}, [{}, {"weight": 1.0, "density": 0.5}], False, monkeypatch)
+    assert out.shape == base.shape

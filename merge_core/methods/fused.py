@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -58,7 +59,7 @@ def library():
 
 
 def _load():
-    if os.environ.get("MERGESEARCH_FUSED", "1") == "0":
+    if os.environ.get("MERGESEARCH_FUSED", "1") == "0" or sys.byteorder != "little":   # fused.c reads u16 quarters
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
@@ -74,8 +75,13 @@ def _load():
             root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=root) as tmp:
                 built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True,
-                               capture_output=True, timeout=120)
+                for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):   # some compilers refuse it
+                    done = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                                          capture_output=True, timeout=120)
+                    if done.returncode == 0:
+                        break
+                else:
+                    raise OSError(f"{compiler} failed: {done.stderr.decode(errors='replace')[-300:]}")
                 os.replace(built, path)          # atomic: another process may be building it too
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
