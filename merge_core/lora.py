@@ -301,7 +301,7 @@ class LowRankInputs(TensorInputs):
         copy = LowRankInputs(self.name, self.models, [move(d) for d in self.dense], self.keys,
                              [None if f is None else (move(f[0]), move(f[1])) for f in self.factors],
                              self.base_index, self.dtype)
-        copy.out = self.out
+        copy.out, copy.reused = self.out, self.reused
         return copy
 
     def resident_bytes(self) -> int:

@@ -253,6 +253,11 @@ class ModelSource:
         return tensor
 
 
+    def release(self) -> None:
+        """Close the open weight files. Their mappings go with them, except where a tensor read without a copy still
+        uses one (it keeps its own); a later read opens the file again."""
+        self._handles.clear()
+
     def _read_stored(self, name: str) -> torch.Tensor:
         if self.pickle:
             return self._pickled[name]

@@ -23,7 +23,7 @@ import torch
 from merge_core.config import MergeConfig, dump_config
 from merge_core.errors import MergeConfigError
 from merge_core.methods import TensorInputs, get_method
-from merge_core.plan import TensorTask, merge_one, one_thread_per_op
+from merge_core.plan import TensorTask, all_finite, merge_one, one_thread_per_op
 from merge_core.prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def _finite_only(tensors: Iterator[tuple[str, torch.Tensor]], out_dtype: torch.d
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass tensors through; a NaN/inf in one stops the merge (the atomic writer then leaves nothing behind)."""
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise MergeConfigError(
                 f"the merged tensor has NaN/inf values (NaN/inf in a source, or values beyond the range of "
                 f"{str(out_dtype).removeprefix('torch.')}: try dtype/out_dtype float32); nothing was written",

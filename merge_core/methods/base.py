@@ -39,9 +39,12 @@ class TensorInputs:
     rebuilt from base + delta on demand (not kept), so delta-based methods hold base + deltas only.
     `out`, when set (the engine sets the live parameter), is where a method may write its result instead of
     into a new tensor (`new_output`); the inputs never alias it.
+    `reused` (the engine sets it) says the inputs serve many trials: a statistic that costs more than one merge but
+    makes every later trial cheaper (a full rank order) is worth computing; the one-off writer leaves it False.
     """
 
     out: torch.Tensor | None = None
+    reused: bool = False
 
     def __init__(self, name: str, models: list[str], tensors: list[torch.Tensor], base_index: int | None):
         if len(models) != len(tensors):
@@ -108,7 +111,7 @@ class TensorInputs:
         copy._base = _move(self._base, device, non_blocking)
         copy._deltas = _move(self._deltas, device, non_blocking)
         copy._memo = {k: _move(v, device, non_blocking) for k, v in self._memo.items()}
-        copy.out = self.out
+        copy.out, copy.reused = self.out, self.reused
         return copy
 
     def keep_memo_from(self, other: "TensorInputs") -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from merge_core.errors import MergeConfigError
+from merge_core.methods import fused
 from merge_core.methods.base import TensorInputs, spans
 
 RESCALE_EPS = 1e-7  # mergekit skips the L1 rescale when either norm is below this
@@ -40,13 +41,70 @@ def magnitude_order(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype in _BITS and n < 2**31:
-        int_type, top = _BITS[flat.dtype]
-        bits = flat.view(int_type).numpy().astype(np.int64) & top       # |x| as bits: drop the sign bit
-        keys = ((top - bits) << 32) | np.arange(n, dtype=np.int64)
+        bits = _magnitude_bits(flat).astype(np.int64)
+        keys = ((_BITS[flat.dtype][1] - bits) << 32) | np.arange(n, dtype=np.int64)
         keys.sort()
         return torch.from_numpy((keys & 0xFFFFFFFF).astype(np.int32))
     order = torch.sort(flat.abs(), descending=True, stable=True).indices
     return order.to(torch.int32) if n < 2**31 else order
+
+
+def _magnitude_bits(flat: torch.Tensor) -> np.ndarray:
+    """|x| as integers that order as |x| does (a float's bits without the sign bit); a new numpy array."""
+    int_type, top = _BITS[flat.dtype]
+    return flat.view(int_type).numpy() & top
+
+
+SAMPLE = 1 << 14     # elements sampled to bracket a rank (selection below): at most this many, 1 in 16 or fewer
+CHUNK = 1 << 16      # elements per pass-chunk of the selection: its temporaries stay in cache
+
+
+def rank_position(x: torch.Tensor, r: int) -> int:
+    """Flat position of the element of rank r by |x| (0 = largest, equal |x| in flattened order), as
+    `magnitude_order(x)[r]` but without sorting: O(n), one pass over x (plus a rare second one).
+
+    A sample at random (seeded) positions brackets the rank's value, [lo, hi]; one pass, chunk by chunk, counts
+    the elements above hi and gathers the positions of those inside (in flattened order); a partition of those
+    few finds the value, and the run of elements equal to it, in flattened order, gives the position. A bracket
+    that misses (rare) is widened to all values above or below it, so the answer never depends on the sample.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if flat.device.type != "cpu" or flat.dtype not in _BITS or n < 4096:
+        return int(magnitude_order(x)[r])
+    int_type, top = _BITS[flat.dtype]
+    raw = flat.view(int_type).numpy()
+    m = min(SAMPLE, n // 16)
+    sample = raw[np.random.default_rng(0).integers(0, n, m)] & top       # random: a stride would follow rows
+    guess, margin = m - 1 - r * m // n, 2 * math.isqrt(m) + 8      # ascending index of rank r's value, slack
+    ends = max(0, guess - margin), min(m - 1, guess + margin)
+    lo, hi = (int(v) for v in np.partition(sample, ends)[list(ends)])
+    while True:
+        above, inside = _bracket_pass(raw, top, lo, hi)
+        if above > r:                        # rank r lies above the bracket
+            lo, hi = hi + 1, top
+        elif above + inside.size <= r:       # below it
+            lo, hi = 0, lo - 1
+        else:
+            break
+    values = raw[inside] & top
+    need = r - above                         # rank r is the need-th largest inside the bracket (0-based)
+    kth = values.size - 1 - need
+    value = np.partition(values, kth)[kth]
+    larger = int(np.count_nonzero(values > value))
+    return int(inside[values == value][need - larger])
+
+
+def _bracket_pass(raw: np.ndarray, top: int, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """(how many |x| > hi, the flat positions with lo <= |x| <= hi in order), |x| = raw & top, chunk by chunk."""
+    unsigned = raw.dtype.str.replace("i", "u")
+    above, inside = 0, []
+    for start in range(0, raw.size, CHUNK):
+        bits = raw[start:start + CHUNK] & top
+        above += int(np.count_nonzero(bits > hi))
+        bits -= lo                                          # lo <= |x| <= hi as one unsigned comparison
+        inside.append(np.flatnonzero(bits.view(unsigned) <= hi - lo) + start)
+    return above, np.concatenate(inside)
 
 
 def keep_ranks(values: torch.Tensor, ordered: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
@@ -97,13 +155,20 @@ class Keep:
     """The kept part of a task vector, span by span: `kept(x, lo)` for x = flat[lo:lo + len(x)].
 
     `cuts`: flat positions where the rule changes; callers split their spans there (see `base.spans`).
+    `fused`: whether `fill_term` describes it to the fused loop (fused.c); its tensors are then float32 and
+    contiguous whenever the task vector is.
     `l1`: sum |kept|, when the trim already computed it (else None).
     """
 
     cuts: tuple[int, ...] = ()
     l1: float | None = None
+    fused = False
 
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fill_term(self, term, lo: int) -> None:
+        """Describe this trim for the segment starting at `lo` in a fused.Term."""
         raise NotImplementedError
 
 
@@ -124,17 +189,26 @@ class RankWindow(Keep):
     highs: tuple[float, float] | None = None    # lambdas at positions < high_first, >= high_first
     high_first: int = 0
 
+    fused = True
+
     @property
     def cuts(self) -> tuple[int, ...]:
         return ((self.low_last + 1,) if self.lows else ()) + ((self.high_first,) if self.highs else ())
 
+    def bounds(self, lo: int) -> tuple[float | None, float | None]:
+        """The two lambdas in force from position lo to the next cut (None: no such bound)."""
+        return (self.lows[lo > self.low_last] if self.lows else None,
+                self.highs[lo >= self.high_first] if self.highs else None)
+
     def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        out = x
-        if self.lows:
-            out = torch.nn.functional.hardshrink(x, self.lows[lo > self.low_last])
-        if self.highs:
-            out = out - torch.nn.functional.hardshrink(x, self.highs[lo >= self.high_first])
-        return out
+        low, high = self.bounds(lo)
+        out = x if low is None else torch.nn.functional.hardshrink(x, low)
+        return out if high is None else out - torch.nn.functional.hardshrink(x, high)
+
+    def fill_term(self, term, lo: int) -> None:
+        low, high = self.bounds(lo)       # the same rule: kept where low < |x| <= high
+        term.low = -1.0 if low is None else low
+        term.high = math.inf if high is None else high
 
 
 NOTHING = RankWindow(lows=(math.inf, math.inf))
@@ -144,44 +218,49 @@ def _below(value: float, dtype: torch.dtype) -> float:
     """The largest `dtype` value under `value` (|x| > it is |x| >= value); any negative number for value 0."""
     if value <= 0:
         return -1.0
+    if dtype in _NUMPY:                     # numpy's scalar is ~20x cheaper than two torch tensors (per trial)
+        kind = _NUMPY[dtype]
+        return float(np.nextafter(kind(value), kind(-math.inf)))
     return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
 
 
-def rank_window(x: torch.Tensor, order: torch.Tensor, start: int, stop: int) -> RankWindow | None:
-    """What keeps the ranks [start, stop) of |x|, given `order = magnitude_order(x)`; None = everything."""
-    n = order.numel()
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def rank_window(x: torch.Tensor, position: Callable[[int], int], start: int, stop: int) -> RankWindow | None:
+    """What keeps the ranks [start, stop) of |x|, given `position(r)`: the flat position of the element of rank r
+    (`magnitude_order(x)[r]`, or `rank_position(x, r)`); None = everything."""
+    n = x.numel()
     start, stop = max(0, start), min(n, stop)
     if start == 0 and stop >= n:
         return None
     if stop <= start:
         return NOTHING
     flat = x.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype in _NUMPY:
+        flat = flat.numpy()                      # reading one element: ~20x cheaper than through torch (per trial)
     window = {}
     if stop < n:
-        last = int(order[stop - 1])                  # the smallest kept, the last of its run that is kept
+        last = position(stop - 1)                # the smallest kept, the last of its run that is kept
         low = abs(float(flat[last]))
         window.update(lows=(_below(low, x.dtype), low), low_last=last)
     if start > 0:
-        first = int(order[start])                    # the largest kept, the first of its run that is kept
+        first = position(start)                  # the largest kept, the first of its run that is kept
         high = abs(float(flat[first]))
         window.update(highs=(_below(high, x.dtype), high), high_first=first)
     return RankWindow(**window)
 
 
-@dataclass(frozen=True)
-class MaskKeep(Keep):
-    """Keep where a boolean mask (shaped like the task vector) is set."""
-
-    mask: torch.Tensor
-    l1: float | None = None
-
-    def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        return x * self.mask.view(-1)[lo:lo + x.numel()].view(torch.uint8)   # x * bool is 3x slower on CPU
-
-
 # ---- the trims ----------------------------------------------------------------------------------
-def _abs_order(inputs: TensorInputs, j: int) -> torch.Tensor:
-    return inputs.cached(f"abs_order/{j}", lambda: magnitude_order(inputs.deltas[j]))
+def _ranked(inputs: TensorInputs, j: int) -> Callable[[int], int]:
+    """position(r) of |delta_j| (see `rank_window`): from the full rank order, computed once and cached, when the
+    inputs serve many trials (the engine: then a trial's trim costs O(1)); by selection otherwise (a one-off merge:
+    O(n) instead of a sort)."""
+    if not inputs.reused:
+        return lambda r: rank_position(inputs.deltas[j], r)
+    order = inputs.cached(f"abs_order/{j}", lambda: magnitude_order(inputs.deltas[j]))
+    index = order.numpy() if order.device.type == "cpu" else order
+    return lambda r: int(index[r])
 
 
 def magnitude_mask(inputs: TensorInputs, j: int, density: float) -> Keep | None:
@@ -192,7 +271,7 @@ def magnitude_mask(inputs: TensorInputs, j: int, density: float) -> Keep | None:
     if density <= 0 or delta.numel() == 0:
         return NOTHING
     k = max(1, int(density * delta.numel()))
-    return rank_window(delta, _abs_order(inputs, j), 0, k)
+    return rank_window(delta, _ranked(inputs, j), 0, k)
 
 
 def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> Keep | None:
@@ -206,39 +285,17 @@ def outlier_mask(inputs: TensorInputs, j: int, density: float, gamma: float) -> 
     n = delta.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    return rank_window(delta, _abs_order(inputs, j), n - bottom - target, n - bottom)
+    return rank_window(delta, _ranked(inputs, j), n - bottom - target, n - bottom)
 
 
 def bernoulli_mask(inputs: TensorInputs, j: int, density: float, generator: torch.Generator | None
                    ) -> Keep | None:
-    """DARE: keep each element with probability `density` (to 2^-31: a uniform 31-bit integer below a threshold).
-
-    Drawn span by span, noting sum |kept| on the way (the L1 rescale needs it before anything is combined).
-    """
-    delta = inputs.deltas[j]
-    threshold = round(density * 2**31)
-    if threshold >= 2**31:
+    """DARE: keep each element with probability `density` (a uniform draw of the counter-based stream below it)."""
+    if density >= 1:
         return None
-    flat = delta.reshape(-1)
-    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    draw = uniform_int31(generator, flat.device)
-    l1 = 0.0
-    for lo, hi in spans(flat):
-        kept = torch.lt(draw(hi - lo), threshold, out=mask[lo:hi])
-        l1 += float((flat[lo:hi] * kept.view(torch.uint8)).abs().sum())
-    return MaskKeep(mask.view(delta.shape), l1)
-
-
-def uniform_int31(generator: torch.Generator | None, device: torch.device) -> Callable[[int], torch.Tensor]:
-    """A source of uniform int32 draws from [0, 2^31), reproducible from `generator`: draw(n) gives the next n.
-
-    On CPU the stream is numpy's SFC64 seeded by one draw of the generator: 0.7 ns a draw there, against 2.2 ns
-    for torch's mt19937 (the largest single cost of a DARE trial).
-    """
-    if device.type != "cpu":
-        return lambda n: torch.empty(n, dtype=torch.int32, device=device).random_(generator=generator)
-    bits = np.random.SFC64(int(torch.randint(0, 2**63 - 1, (), generator=generator)))
-    return lambda n: torch.from_numpy(bits.random_raw((n + 1) // 2).view(np.int32)[:n]).bitwise_and_(0x7FFFFFFF)
+    if density <= 0:
+        return NOTHING
+    return RandomKeep(stream_key(generator, j), density)
 
 
 def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, generator: torch.Generator | None
@@ -253,22 +310,90 @@ def della_mask(inputs: TensorInputs, j: int, density: float, epsilon: float, gen
         raise MergeConfigError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
                                f"(density={density}, epsilon={epsilon})", inputs.name)
     rank = inputs.cached(f"della_rank/{j}", lambda: _row_rank(delta))
-    probs = rank * (2 * epsilon)
-    probs += density - epsilon
-    return MaskKeep(_uniform(delta, generator) < probs)
+    return RandomKeep(stream_key(generator, j), density - epsilon, 2 * epsilon, rank)
+
+
+# ---- the random stream of the random trims ----------------------------------------------------------------
+# Element i of a task vector draws u(i), a 16-bit uniform: quarter i % 4 (from the low bits) of SplitMix64's output
+# for state key + (i // 4 + 1) * GOLDEN, the key derived from the tensor's seed (`stream_key`). A counter-based
+# stream: any span draws its numbers on its own (no mask is kept: the L1 pass and the merge pass draw the same
+# ones), the same on every device, in fused.c and below; one 64-bit hash serves four elements. Keep probabilities
+# resolve to 2^-16, far below the sampling noise of any tensor.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def stream_key(generator: torch.Generator | None, j: int) -> int:
+    """Task vector j's stream key: SplitMix64 of the (per-tensor) generator's seed and j, computed in Python (a
+    draw of the generator costs ~10 us, 5% of a DELLA trial); from torch's global generator without one."""
+    if generator is None:
+        return int(torch.randint(0, 2**63 - 1, ()))
+    z = (generator.initial_seed() + (j + 1) * GOLDEN) % 2**64
+    z = ((z ^ (z >> 30)) * MIX1) % 2**64
+    z = ((z ^ (z >> 27)) * MIX2) % 2**64
+    return z ^ (z >> 31)
+
+
+def uniform16(key: int, lo: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """u(lo) .. u(lo + n - 1) of the stream `key`, as int64 in [0, 65536)."""
+    def signed(v: int) -> int:       # torch has no uint64: the same bits as int64 (products wrap alike)
+        return v - 2**64 if v >= 2**63 else v
+
+    def shift(z: torch.Tensor, bits: int) -> torch.Tensor:      # logical right shift
+        return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+    at = torch.arange(lo, lo + n, dtype=torch.int64, device=device)
+    z = ((at >> 2) + 1).mul_(signed(GOLDEN)).add_(signed(key))
+    z = (z ^ shift(z, 30)).mul_(signed(MIX1))
+    z = (z ^ shift(z, 27)).mul_(signed(MIX2))
+    z ^= shift(z, 31)
+    return (z >> ((at & 3) * 16)) & 0xFFFF
+
+
+@dataclass(frozen=True)
+class RandomKeep(Keep):
+    """Keep element i where u(i) / 2^16 < a + b * rank[i] (rank None: a) in the stream `key`."""
+
+    key: int
+    a: float
+    b: float = 0.0
+    rank: torch.Tensor | None = None
+    fused = True
+
+    @property
+    def threshold(self) -> int:
+        """Without ranks: kept where u < this (u / 2^16 < a exactly)."""
+        return math.ceil(self.a * 65536)
+
+    def kept(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        u = uniform16(self.key, lo, x.numel(), x.device)
+        if self.rank is None:
+            keep = u < self.threshold
+        else:
+            keep = u.to(torch.float32).mul_(2.0**-16) < self.rank.reshape(-1)[lo:lo + x.numel()] * self.b + self.a
+        return x * keep.view(torch.uint8)       # x * bool is 3x slower on CPU
+
+    def fill_term(self, term, lo: int) -> None:
+        term.key, term.prob_a, term.prob_b, term.threshold = self.key, self.a, self.b, self.threshold
+        term.random = 1 if self.rank is None else 2
+        if self.rank is not None:
+            term.rank = self.rank.data_ptr() + 4 * lo
 
 
 def _row_rank(delta: torch.Tensor) -> torch.Tensor:
-    """Rank of |delta| along dim 1 (a 1-D tensor is one row), scaled to [0, 1]; float32, shaped like delta."""
+    """Rank of |delta| along dim 1 (a 1-D tensor is one row), scaled to [0, 1]; float32, shaped like delta.
+
+    On CPU: numpy's argsort per row (vectorized: 3x torch's there) and its inverse by one scatter instead of a
+    second sort. Equal magnitudes get their ranks in the sort's (deterministic) order."""
     mags = delta.abs().unsqueeze(0) if delta.dim() < 2 else delta.abs()
-    order = mags.argsort(dim=1)
-    rank = order.argsort(dim=1).to(torch.float32)
     width = mags.shape[1]
+    if mags.device.type == "cpu" and mags.dim() == 2:
+        rows = mags.float().numpy()
+        order = np.argsort(rows, axis=1)
+        rank = np.empty(rows.shape, dtype=np.float32)
+        np.put_along_axis(rank, order, np.arange(width, dtype=np.float32)[None, :], axis=1)
+        return (torch.from_numpy(rank) / max(width - 1, 1)).reshape(delta.shape)
+    rank = mags.argsort(dim=1).argsort(dim=1).to(torch.float32)
     return (rank / max(width - 1, 1)).reshape(delta.shape)
-
-
-def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
 
 
 def l1_rescale(inputs: TensorInputs, j: int, keep: Keep | None) -> float:
@@ -277,7 +402,9 @@ def l1_rescale(inputs: TensorInputs, j: int, keep: Keep | None) -> float:
         return 1.0
     before = inputs.cached(f"l1/{j}", lambda: float(inputs.deltas[j].abs().sum()))
     after = keep.l1
-    if after is None:
+    if after is None and keep.fused and fused.usable(inputs.deltas[j]):
+        after = fused.kept_abs_sum(inputs.deltas[j], keep)
+    elif after is None:
         flat = inputs.deltas[j].reshape(-1)
         after = sum(float(keep.kept(flat[lo:hi], lo).abs().sum()) for lo, hi in spans(flat, keep.cuts))
     if before < RESCALE_EPS or after < RESCALE_EPS:

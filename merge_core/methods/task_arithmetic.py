@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_core.methods import sparsify
+from merge_core.methods import fused, sparsify
 from merge_core.methods.base import (
     PerModel,
     TensorInputs,
@@ -27,7 +27,8 @@ def combine(inputs: TensorInputs, weight: list[float], keeps: list[sparsify.Keep
     is that of sum_i w_i keep_i(delta_i), with 0 counted positive; an element agrees when its weighted value has
     that sign (zeros never agree). Without consensus the divisor is sum_i w_i (1 when ~0). A trim rescaled to
     the L1 norm of its task vector weighs w_i * factor_i in the sums (not in the divisor). The per-tensor
-    scalars come first; then the elementwise work runs span by span (in cache, see `spans`).
+    scalars come first; then the elementwise work runs in one compiled pass (fused.c, on CPU where a C compiler
+    exists), else as torch operations span by span (in cache, see `spans`).
     """
     base = inputs.base
     deltas = inputs.deltas
@@ -43,6 +44,9 @@ def combine(inputs: TensorInputs, weight: list[float], keeps: list[sparsify.Keep
         coeffs = [c * scale for c in coeffs]
 
     out = inputs.new_output(base)
+    if all(keep is None or keep.fused for keep in keeps) and fused.usable(out, base, *deltas):
+        fused.combine(out, base, deltas, keeps, coeffs, weights, consensus=consensus, normalize=normalize, lam=lam)
+        return out
     flat_out, flat_base, flat_deltas = out.view(-1), base.reshape(-1), [d.reshape(-1) for d in deltas]
     ranges = list(spans(flat_base, [c for keep in keeps if keep is not None for c in keep.cuts]))
     scratch = torch.empty(5, max((hi - lo for lo, hi in ranges), default=0), dtype=base.dtype, device=base.device)
@@ -90,7 +94,7 @@ def _elect(kept: list[torch.Tensor], weights: list[float], coeffs: list[float], 
     if min(weights) > 0:
         twice_weight.clamp_(min=torch.finfo(twice_weight.dtype).tiny)   # 0 only where nothing agrees
     else:
-        twice_weight.add_(1 - twice_weight.abs().sign())   # 0 -> 1 (float math: bool masks are slow on CPU)
+        twice_weight.add_(1 - twice_weight.abs().sign(), alpha=2)   # 0 -> 2: divisor 1 (bool masks are slow on CPU)
     return twice_sum, twice_weight
 
 
