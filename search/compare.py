@@ -17,6 +17,7 @@ from search import StudyError
 AGGREGATES = ("mean", "normalized", "worst")
 TA_SCALES = (0.25, 0.5, 0.75, 1.0)        # the grid of task-arithmetic scales a user would try
 BOOTSTRAP_RESAMPLES = 2000
+WORST_TIE_BREAK = 1e-3      # worst's share of the normalized mean: what ranks merges that lose the same skill
 
 
 # ---- the objective ----------------------------------------------------------------------------------------
@@ -25,8 +26,10 @@ def aggregate(scores: dict[str, float], how: str, weights: dict[str, float],
     """One number from per-task scores (higher is better).
 
     mean: the weighted mean of the scores. normalized: the weighted mean of score / reference (1.0: the task kept
-    as well as its best parent does). worst: the smallest score / reference over the tasks with weight > 0: a
-    merge that drops one skill scores low however well it keeps the others."""
+    as well as its best parent does). worst: the smallest score / reference over the tasks with weight > 0 (a
+    merge that drops one skill scores low however well it keeps the others), plus WORST_TIE_BREAK x normalized:
+    without that small term every merge that loses one skill entirely scores 0, and a rank-based sampler (CMA-ES,
+    TPE) learns nothing from them (on SmolLM2 the first dozen trials of a search all lost JSON)."""
     tasks = [t for t in scores if weights.get(t, 1.0) > 0 and not math.isnan(scores[t])]
     if not tasks:
         return math.nan
@@ -38,8 +41,14 @@ def aggregate(scores: dict[str, float], how: str, weights: dict[str, float],
         total = sum(weights.get(t, 1.0) for t in tasks)
         return sum(weights.get(t, 1.0) * ratios[t] for t in tasks) / total
     if how == "worst":
-        return min(ratios.values())
+        return min(ratios.values()) + WORST_TIE_BREAK * aggregate(scores, "normalized", weights, references)
     raise ValueError(f"unknown aggregate {how!r}")
+
+
+def worst_ratio(scores: dict[str, float], weights: dict[str, float], references: dict[str, float]) -> float:
+    """The smallest score / reference over the tasks with weight > 0 (the table's `worst` column)."""
+    ratios = [scores[t] / references[t] for t in scores if weights.get(t, 1.0) > 0 and not math.isnan(scores[t])]
+    return min(ratios) if ratios else math.nan
 
 
 def item_weights(how: str, references: dict[str, float]) -> dict[str, float]:
@@ -121,7 +130,7 @@ def score_half(candidate: Candidate, half: dict[str, set[str]], how: str, weight
               for t in candidate.items}
     return Scored(candidate.label, candidate.kind, candidate.trial, scores, aggregate(scores, how, weights, references),
                   aggregate(scores, "mean", weights, references), aggregate(scores, "normalized", weights, references),
-                  aggregate(scores, "worst", weights, references), candidate.search_score)
+                  worst_ratio(scores, weights, references), candidate.search_score)
 
 
 def split_halves(items: Items, report: set[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from studyfiles import write_study
 
-from search.compare import Candidate, aggregate, bootstrap_gap, results_table
+from search.compare import WORST_TIE_BREAK, Candidate, aggregate, bootstrap_gap, results_table, worst_ratio
 from search.loop import open_study, references_of, run_search
 from search.space import SearchSpace
 from search.study import load_study
@@ -24,9 +24,20 @@ def test_aggregates():
     scores = {"a": 0.25, "b": 0.9}
     assert aggregate(scores, "mean", WEIGHTS) == pytest.approx(0.575)
     assert aggregate(scores, "normalized", WEIGHTS, REFS) == pytest.approx((0.5 + 0.9) / 2)
-    assert aggregate(scores, "worst", WEIGHTS, REFS) == pytest.approx(0.5)       # a kept half as well as its parent
+    assert worst_ratio(scores, WEIGHTS, REFS) == pytest.approx(0.5)              # a kept half as well as its parent
+    assert aggregate(scores, "worst", WEIGHTS, REFS) == pytest.approx(0.5 + WORST_TIE_BREAK * 0.7)
     assert aggregate(scores, "normalized", {"a": 0.0, "b": 1.0}, REFS) == pytest.approx(0.9)   # weight 0: ignored
     assert math.isnan(aggregate({}, "mean", WEIGHTS))
+
+
+def test_worst_ranks_merges_that_lose_the_same_skill():
+    """Two merges that both drop task a entirely: worst alone calls them equal (0); the tie-break prefers the one
+    that keeps b better, so a rank-based sampler still has a direction to go."""
+    keeps_b = aggregate({"a": 0.0, "b": 0.9}, "worst", WEIGHTS, REFS)
+    loses_b = aggregate({"a": 0.0, "b": 0.2}, "worst", WEIGHTS, REFS)
+    assert 0 < loses_b < keeps_b < aggregate({"a": 0.05, "b": 0.2}, "worst", WEIGHTS, REFS)   # keeping some of a wins
+    assert aggregate({"a": 0.1, "b": 0.0}, "worst", WEIGHTS, REFS) < aggregate({"a": 0.1, "b": 0.3}, "worst", WEIGHTS, REFS)
+    assert aggregate({"a": 0.5, "b": 0.5}, "worst", WEIGHTS, REFS) > aggregate({"a": 0.0, "b": 1.0}, "worst", WEIGHTS, REFS)
 
 
 def _candidate(label: str, kind: str, a: list[float], b: list[float], trial=None) -> Candidate:
@@ -122,7 +133,8 @@ def test_the_final_comparison_has_every_plain_merge_and_an_interval(zoo, tmp_pat
         assert plain in labels, labels
     assert any(label.startswith("task arithmetic (best w") for label in labels)
     found = final["rows"][-1]
-    assert found["value"] == pytest.approx(found["worst"]) and final["aggregate"] == "worst"
+    assert found["value"] == pytest.approx(found["worst"] + WORST_TIE_BREAK * found["normalized"])
+    assert final["aggregate"] == "worst"
     gap = final["gap"]
     assert gap["low"] <= gap["value"] <= gap["high"] and gap["vs"] in labels
     assert final["winner"] == study.user_attrs["holdout_winner"]
