@@ -48,6 +48,7 @@ from search.store import (
     make_storage,
     open_study,
     redact,
+    retry_orphaned_failures,
     retry_trial,
     storage_failures,
     study_differs,
@@ -123,6 +124,7 @@ def ask_within_budget(study: optuna.Study, budget: Budget, lock_dir: Path) -> op
     with folder_lock(lock_dir, ".budget.lock"), _advisory_lock(study):
         fail_dead_local_trials(study)
         optuna.storages.fail_stale_trials(study)
+        retry_orphaned_failures(study)
         if not budget.time_left():
             return "time"
         if budget.trials is not None and counted_trials(study) >= budget.trials:

@@ -298,6 +298,19 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+def retry_orphaned_failures(study: optuna.Study) -> None:
+    """Queue the retry of every stale failure that has none. Failing a dead worker's trial and queueing its
+    retry are two storage writes; a process killed between them (the next start's sweep, a heartbeat check)
+    left the trial failed and never retried. A trial's retries list it in their `retry_history` (a dead
+    worker's) or name it in `retry_of` (an interrupted one's, queued before it failed)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    for t in trials:
+        if is_stale_failure(t) and t.number not in retried:
+            retry_trial(study, t)             # gives up by itself past MAX_RETRY
+
+
 def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a failed trial of a dead worker again (at most MAX_RETRY times), without the dead worker's
     stamp: until its new worker stamps it, a popped retry must look unstamped (see loop.fail_dead_local_trials)."""

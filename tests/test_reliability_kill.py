@@ -234,6 +234,20 @@ def test_trial_of_a_worker_killed_inside_ask_is_failed_and_retried(zoo, tmp_path
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
 
 
+def test_a_failure_whose_retry_was_never_queued_is_retried_at_the_next_start(zoo, tmp_path):
+    """Failing a dead worker's trial and queueing its retry are two writes: a process killed between them
+    (seen once in the SIGKILL campaign) left the trial failed for good. The next start queues the retry."""
+    cfg, _, study = small_study(zoo, tmp_path, seed_trials=[])
+    orphan = study.ask({"weight.m0": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    study._storage.set_trial_state_values(orphan._trial_id, state=TrialState.FAIL)     # killed right here
+    assert run_search(cfg, trials=3, timeout=60) == 0
+    trials = study.get_trials()
+    retries = [t for t in trials if orphan.number in t.system_attrs.get("retry_history", [])]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params["weight.m0"] == orphan.params["weight.m0"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+
+
 def test_trial_of_a_dead_worker_on_another_machine_is_failed_by_its_heartbeat(zoo, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "HEARTBEAT_S", 1)
     monkeypatch.setattr(store, "HEARTBEAT_S", 1)
