@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,7 +132,16 @@ def close_storage(storage) -> None:
 @contextmanager
 def storage_failures(url: str):
     """A storage that fails mid-run (disk full, database server gone) is one StudyError line, not a
-    traceback: what it had stored is kept, and the same command resumes once it works again."""
+    traceback: what it had stored is kept, and the same command resumes once it works again. The same failure
+    in a trial's heartbeat thread is left to the main thread, which meets it at its next write and says it
+    in that one line (the thread's default hook printed a traceback first)."""
+    default_hook = threading.excepthook
+
+    def thread_hook(args) -> None:
+        if not issubclass(args.exc_type, (optuna.exceptions.StorageInternalError, SQLAlchemyError)):
+            default_hook(args)
+
+    threading.excepthook = thread_hook
     try:
         yield
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
@@ -141,6 +151,8 @@ def storage_failures(url: str):
         text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise StudyError(f"the storage failed: {text} (trials stored so far are kept; fix it and run the "
                          "same command to resume)", redact(url)) from None
+    finally:
+        threading.excepthook = default_hook
 
 
 def check_creatable(folder: Path) -> None:
