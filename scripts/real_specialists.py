@@ -191,7 +191,7 @@ SKILLS = {
 }
 N_TASK, N_TEST = 160, 240
 SEARCH_ITEMS = 48       # of the N_TASK items per skill, the ones a search scores every candidate on
-SEARCH_TRIALS = 100
+SEARCH_TRIALS = 40
 
 
 def _key(skill: Skill, row: dict) -> str:
@@ -366,19 +366,21 @@ def task_entries(root: str, skills=None, file: str = "{skill}_search", holdout: 
 
 
 def study_dicts(root: str, runs: str, trials: int = SEARCH_TRIALS, aggregate: str | None = None,
-                weight_high: float = 1.0) -> dict[str, dict]:
+                weight_high: float = 1.5) -> dict[str, dict]:
     """The search study and the soup over `root` (the cache); run folders under `runs`."""
     search = {
         "name": "smollm2-search",
         "output_dir": f"{runs}/smollm2-search",
-        "merge": {"merge_method": "ties", "base_model": f"{root}/base",
+        # task arithmetic: under TIES' sign election the small JSON task vector is lost (README, SmolLM2 track)
+        "merge": {"merge_method": "task_arithmetic", "base_model": f"{root}/base",
                   "models": [{"model": f"{root}/specialists/{s}"} for s in SKILLS], "dtype": "float32"},
-        "space": {"granularity": "anchors:4", "params": {"weight": [0.0, weight_high], "density": [0.1, 1.0]}},
+        "space": {"granularity": "anchors:2", "params": {"weight": [0.0, weight_high]}},
         "evaluation": {"tasks": task_entries(root), "seed": 0},
         "sampler": {"name": "cmaes", "seed": 0},
         "pruner": {"name": "none"},
         "seed_trials": ["parents", "uniform"],
         "budget": {"trials": trials, "timeout": "12h"},
+        "final": {"top_k": 3},
     }
     if aggregate:
         search["objective"] = {"aggregate": aggregate}
@@ -396,9 +398,9 @@ def study_dicts(root: str, runs: str, trials: int = SEARCH_TRIALS, aggregate: st
 
 STUDY_HEADER = {
     "smollm2_search": """\
-# TIES merge search over three real SmolLM2-135M-Instruct specialists (math, json, french), per-layer
-# (anchors:4 = 4 anchors per model and parameter, interpolated over the 30 layers by mergekit's gradient rule:
-# 24 genes), CMA-ES, no pruning. The search scores candidates on 48 items per task; 240 other items per task
+# Task-arithmetic merge search over three real SmolLM2-135M-Instruct specialists (math, json, french), per-layer
+# weights (anchors:2 = 2 anchors per model, interpolated over the 30 layers by mergekit's gradient rule: 6 genes)
+# in [0, 1.5], CMA-ES, no pruning, objective worst (the default). The search scores candidates on 48 items per task; 240 other items per task
 # are held out: the winner is picked on one half of them and every row of the final table reported on the other.
 """,
     "smollm2_soup": """\
