@@ -131,6 +131,17 @@ def gen_rows(n=12, seed=3):
     return rows
 
 
+def hf_greedy(model, tok, item, max_new_tokens: int) -> str:
+    """What HF's greedy generate gives on the item's prompt alone, cut at its first stop string."""
+    ids = tok(item.prompt, return_tensors="pt")
+    with torch.no_grad():
+        full = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    want = tok.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    for stop in item.stop:
+        want = want.split(stop)[0]
+    return want
+
+
 def test_generate_matches_hf_greedy_generate(zoo):
     model, tok = load(zoo["ft_reverse"])
     rows = gen_rows()
@@ -139,13 +150,7 @@ def test_generate_matches_hf_greedy_generate(zoo):
     which = list(range(len(rows)))
     outputs = scorer.generations(model, which)
     for item, got in zip(items, outputs, strict=True):
-        ids = tok(item.prompt, return_tensors="pt")
-        with torch.no_grad():
-            full = model.generate(**ids, max_new_tokens=10, do_sample=False)
-        want = tok.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        for stop in item.stop:
-            want = want.split(stop)[0]
-        assert got == want, item
+        assert got == hf_greedy(model, tok, item, 10), item
     assert GenerateScorer(items, tok, batch_size=1, max_new_tokens=10).generations(model, which) == outputs
     scores = scorer.score(model, which)
     assert [s["exact_match"] for s in scores] == [float(o.strip() == r["target"].strip())
@@ -185,13 +190,7 @@ def test_generate_rows_stop_alone_and_new_rows_join(zoo, monkeypatch, preamble):
     outputs = GenerateScorer(items, tok, batch_size=4, max_new_tokens=8).generations(model, range(16))
     assert joins  # rows joined a running batch
     for item, got in zip(items, outputs, strict=True):
-        ids = tok(item.prompt, return_tensors="pt")
-        with torch.no_grad():
-            full = model.generate(**ids, max_new_tokens=8, do_sample=False)
-        want = tok.decode(full[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        for stop in item.stop:
-            want = want.split(stop)[0]
-        assert got == want, item
+        assert got == hf_greedy(model, tok, item, 8), item
 
 
 def test_generate_exact_match_on_a_model_that_knows_the_answer(zoo):
