@@ -41,7 +41,8 @@ def aggregate(scores: dict[str, float], how: str, weights: dict[str, float],
         total = sum(weights.get(t, 1.0) for t in tasks)
         return sum(weights.get(t, 1.0) * ratios[t] for t in tasks) / total
     if how == "worst":
-        return min(ratios.values()) + WORST_TIE_BREAK * aggregate(scores, "normalized", weights, references)
+        return worst_ratio(scores, weights, references) + WORST_TIE_BREAK * aggregate(scores, "normalized", weights,
+                                                                                       references)
     raise ValueError(f"unknown aggregate {how!r}")
 
 

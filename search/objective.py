@@ -6,6 +6,7 @@ out-of-memory and evaluator errors into FAILED trials with a reason. Writes no f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -177,7 +178,7 @@ class TrialRunner:
         # so the pruner can compare against them, but are never pruned themselves (a specialist parent scores
         # ~0 on the other tasks and would be pruned on its first items).
         may_prune = "seed" not in trial.user_attrs
-        chunks = iter(range(10**9))
+        chunks = itertools.count()
 
         def report(progress) -> None:
             if self.stop.is_set():
