@@ -108,3 +108,56 @@ def test_without_a_working_compiler_the_torch_path_runs(tmp_path, monkeypatch):
     base = torch.randn(1000)
     out = _merge("ties", [base, base + 0.01], {}, [{}, {"weight": 1.0, "density": 0.5}], False, monkeypatch)
     assert out.shape == base.shape
+
+
+def _mergekit_linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """mergekit 0.1.5's linear arithmetic: float32 zeros, one addcmul_ per input, divided by the weights' sum."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    result = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for x, c in zip(tensors, w.unbind(0)):
+        result.addcmul_(x, c)
+    if normalize:
+        result.div_(w.sum())
+    return result.to(tensors[0].dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_equals_mergekit_arithmetic(dtype, monkeypatch):
+    """The multiply-adds of mergekit's addcmul_ as torch's kernels do them here (fused with SIMD, rounded twice
+    without): the same values bit for bit under every ATEN_CPU_CAPABILITY (bfloat16 inputs have few mantissa bits,
+    so one rounding more or less would flip many of them)."""
+    rng, gen = random.Random(1), torch.Generator().manual_seed(1)
+    for _ in range(10):
+        n = rng.choice([1, 15, 37, 5000, 70001])
+        tensors = [torch.randn(n, generator=gen).to(dtype) for _ in range(rng.choice([2, 3, 4]))]
+        weights = [rng.choice([0.3, 0.6, 1.0, 0.45, -0.2]) for _ in tensors]
+        normalize = rng.random() < 0.7
+        expected = _mergekit_linear(tensors, weights, normalize)
+        for use_fused in (True, False):
+            ours = _merge("linear", tensors, {"normalize": normalize}, [{"weight": w} for w in weights], use_fused,
+                          monkeypatch)
+            assert ours.dtype == dtype
+            assert torch.allclose(ours.float(), expected.float(), rtol=1e-6, atol=1e-6) if dtype == torch.float32 \
+                else torch.allclose(ours.float(), expected.float(), rtol=8e-3, atol=1e-3), (n, weights, use_fused)
+        ours = _merge("linear", tensors, {"normalize": normalize}, [{"weight": w} for w in weights], True, monkeypatch)
+        assert torch.equal(ours, expected), (n, weights, normalize)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dots_and_slerp_match_float64(dtype, monkeypatch):
+    """SLERP's dot products in one pass equal float64 sums; the merge matches the torch operations."""
+    gen = torch.Generator().manual_seed(2)
+    for n in (1, 9, 4097, 100003):
+        x, y = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+        xd, yd = x.double(), y.double()
+        monkeypatch.setattr(fused, "_loaded", [])
+        got = fused.dots(x, y)
+        want = (float(xd @ xd), float(yd @ yd), float(xd @ yd))
+        assert all(abs(g - w) <= 1e-12 * (abs(w) + float(xd.norm() * yd.norm())) for g, w in zip(got, want)), n
+        for t in (0.0, 0.3, 1.0):
+            ours = _merge("slerp", [x, y], {"t": t}, [{}, {}], True, monkeypatch)
+            theirs = _merge("slerp", [x, y], {"t": t}, [{}, {}], False, monkeypatch)
+            tol = 1e-6 if dtype == torch.float32 else 8e-3
+            assert torch.allclose(ours.float(), theirs.float(), rtol=tol, atol=tol), (n, t)

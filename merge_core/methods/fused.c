@@ -1,4 +1,5 @@
-/* The task-arithmetic family's per-element work in one pass (see fused.py, which compiles and calls this).
+/* The task-arithmetic family's per-element work in one pass (see fused.py, which compiles and calls this), and
+   the two passes of linear and SLERP (weighted_sum, dots) at the end of this file.
 
    out[i] = base[i] + mix_i, from n task vectors ("terms"), each trimmed (kept) then weighted:
      kept_j = d_j where low_j < |d_j| <= high_j                    (a magnitude window: TIES, breadcrumbs)
@@ -142,5 +143,56 @@ void combine(int64_t n, const void *base, void *out, int32_t bf16, int32_t terms
             if (bf16) ((uint16_t *)out)[b + i] = narrow(merged);
             else ((float *)out)[b + i] = merged;
         }
+    }
+}
+
+/* out = (sum_j w_j * x_j) / divisor over k inputs of n elements: float32, accumulated in input order, with fused
+   multiply-adds if fma (one rounding per input: what torch's SIMD kernels do for addcmul_ in mergekit's linear
+   merge; its kernels without SIMD round twice, so the caller mirrors torch), rounded once to bfloat16 at the end if
+   bf16 (linear: the weights and their sum; SLERP: c0 * base + c1 * other, divisor 1, which leaves the sum as is) */
+void weighted_sum(int64_t n, int32_t k, const void *const *xs, const float *w, float divisor, int32_t bf16,
+                  int32_t fma, void *out) {
+    float acc[STEP];
+    for (int64_t b = 0; b < n; b += STEP) {
+        int64_t m = n - b < STEP ? n - b : STEP;
+        for (int64_t i = 0; i < m; i++) acc[i] = w[0] * load(xs[0], b + i, bf16);
+        for (int32_t j = 1; j < k; j++) {
+            float c = w[j];
+            if (fma)
+                for (int64_t i = 0; i < m; i++) acc[i] = fmaf(c, load(xs[j], b + i, bf16), acc[i]);
+            else
+                for (int64_t i = 0; i < m; i++) acc[i] += c * load(xs[j], b + i, bf16);
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float v = acc[i] / divisor;
+            if (bf16) ((uint16_t *)out)[b + i] = narrow(v);
+            else ((float *)out)[b + i] = v;
+        }
+    }
+}
+
+/* result = (sum x*x, sum y*y, sum x*y) in float64 (a product of two floats is exact in float64), eight lanes
+   each in a fixed order: the same sums on every CPU (SLERP's angle) */
+void dots(int64_t n, const void *x, const void *y, int32_t bf16, double *result) {
+    double xx[8] = {0}, yy[8] = {0}, xy[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double a = load(x, i + j, bf16), b = load(y, i + j, bf16);
+            xx[j] += a * a;
+            yy[j] += b * b;
+            xy[j] += a * b;
+        }
+    for (; i < n; i++) {
+        double a = load(x, i, bf16), b = load(y, i, bf16);
+        xx[0] += a * a;
+        yy[0] += b * b;
+        xy[0] += a * b;
+    }
+    result[0] = result[1] = result[2] = 0.0;
+    for (int j = 0; j < 8; j++) {
+        result[0] += xx[j];
+        result[1] += yy[j];
+        result[2] += xy[j];
     }
 }

@@ -1,4 +1,5 @@
-"""The task-arithmetic family's elementwise work as one compiled loop on CPU (fused.c), where a C compiler exists.
+"""The task-arithmetic family's elementwise work as one compiled loop on CPU (fused.c), where a C compiler exists;
+also linear's and SLERP's weighted sums and SLERP's dot products (one pass each instead of one per operation).
 
 Done with torch operations, a TIES merge is ~6 passes over each task vector plus ~6 over the output (trim, sign
 election, weighted sums, divisor), each a separate kernel call reading and writing memory: 5-10x the cost of
@@ -6,7 +7,7 @@ copying the inputs. fused.c does the same arithmetic element by element in regis
 which is about the cost of that copy. It is compiled once per machine with the system's C compiler (`cc`, or $CC)
 into ~/.cache/mergesearch/fused/ (a few tenths of a second) and loaded with ctypes; without a compiler, with
 MERGESEARCH_FUSED=0, on a GPU or for other dtypes than float32 and bfloat16, the torch operations in
-task_arithmetic.py run instead. Both give mergekit's values up to rounding (in bfloat16 the fused loop computes in
+task_arithmetic.py, linear.py and slerp.py run instead. Both give mergekit's values up to rounding (in bfloat16 the fused loop computes in
 float32 and rounds once, where torch rounds after every operation); on one machine every merge path (the engine's
 trials, the written model) takes the same one, so they agree bit for bit.
 """
@@ -92,6 +93,13 @@ def _load():
     lib.combine.restype = None
     lib.kept_abs_sum.argtypes = [ctypes.c_int64, ctypes.POINTER(Term), ctypes.c_int64]
     lib.kept_abs_sum.restype = ctypes.c_double
+    lib.weighted_sum.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p),
+                                 ctypes.POINTER(ctypes.c_float), ctypes.c_float, ctypes.c_int32, ctypes.c_int32,
+                                 ctypes.c_void_p]
+    lib.weighted_sum.restype = None
+    lib.dots.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+                         ctypes.POINTER(ctypes.c_double)]
+    lib.dots.restype = None
     return lib
 
 
@@ -149,3 +157,21 @@ def kept_abs_sum(delta: torch.Tensor, keep) -> float:
     flat = delta.reshape(-1)
     return sum(lib.kept_abs_sum(hi - lo, ctypes.byref(term(flat, lo, keep)), lo)
                for lo, hi in segments(flat.numel(), keep.cuts))
+
+
+def weighted_sum(out: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], divisor: float = 1.0) -> None:
+    """out = sum_j weights[j] * tensors[j] / divisor in one pass (fused.c), written in place; the caller checked
+    `usable` on out and every tensor. Multiply-adds are fused where torch's own kernels fuse them (SIMD), so the
+    values are those of torch's addcmul_ on this machine (mergekit's linear merge) bit for bit."""
+    n = len(tensors)
+    pointers = (ctypes.c_void_p * n)(*(t.data_ptr() for t in tensors))
+    fma = int(torch.backends.cpu.get_cpu_capability() != "DEFAULT")
+    library().weighted_sum(out.numel(), n, pointers, (ctypes.c_float * n)(*weights), divisor,
+                           int(out.dtype == torch.bfloat16), fma, out.data_ptr())
+
+
+def dots(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """(x.x, y.y, x.y) of two tensors of one shape in float64, one pass (fused.c); the caller checked `usable`."""
+    result = (ctypes.c_double * 3)()
+    library().dots(x.numel(), x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), result)
+    return result[0], result[1], result[2]
