@@ -6,6 +6,7 @@ Each subcommand's work lives in its own module; this file only parses and dispat
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -230,5 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The console script: `main`, then leave without tearing the interpreter down.
+
+    Finalizing torch's modules and freeing a merge's buffers took ~0.3 s of a 2.5 s `merge` of a 135M
+    model. Exit handlers still run first (log files, temporary folders, multiprocessing), and output is
+    flushed; every command has finished its work (files closed, workers joined) when `main` returns.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

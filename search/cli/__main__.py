@@ -1,7 +1,5 @@
 """`python -m search.cli ...`: the same as the `mergesearch` console script."""
 
-import sys
+from search.cli import console_main
 
-from search.cli import main
-
-sys.exit(main())
+console_main()
