@@ -173,11 +173,13 @@ def main() -> None:
     parser.add_argument("--fidelity", default=None, metavar="PRUNER[:EVERY],...",
                         help="measure time to the unpruned held-out score for these pruners (e.g. wilcoxon:16)")
     parser.add_argument("--sampler", default="cmaes", help="the sampler of the --fidelity runs")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                        help="torch threads of the runs (default: every core)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(max(1, args.threads))
     if args.fidelity:
         with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
             result = fidelity(args, Path(tmp))
