@@ -6,7 +6,7 @@ Per `materialize` call it does only merge arithmetic: no disk I/O, no new model 
 Memory (resident, per parameter of the model): bytes_per_param(compute dtype) x copies, where copies =
   delta methods (task_arithmetic, ties, dare_*, della*, breadcrumbs*, sce):  1 base + n task vectors
       + for magnitude trims (ties, breadcrumbs*) n rank orders of |delta|, 4 bytes a parameter each (int32),
-        for della* n row ranks (float32)
+        for della* n row ranks, 2 bytes a parameter each (16-bit positions in the row)
   other methods (linear, slerp, nuslerp, ...):  n + 1 raw tensors (+ small per-tensor statistics)
 plus the live model itself (1 copy, out dtype). E.g. ties over 2 fine-tunes of a 7B base in float16 on a GPU:
 2 bytes x 7e9 x (1 + 2 + 1) + 4 bytes x 7e9 x 2 = 112 GB; with `offload=True` the inputs stay in CPU memory

@@ -417,7 +417,7 @@ def resident_formula(method: str, params: int, n_models: int, compute_bytes: int
     """Resident bytes the README predicts for an engine: live model + the method's resident inputs.
 
     delta methods: base + n task vectors (compute dtype) + for ties / breadcrumbs* n rank orders (int32), for
-    della* n row ranks (float32); other methods: every model's tensor (compute dtype). `n_models` counts the base.
+    della* n row ranks (16-bit positions); other methods: every model's tensor (compute dtype). `n_models` counts the base.
     """
     from merge_core.methods import get_method
 
@@ -427,7 +427,7 @@ def resident_formula(method: str, params: int, n_models: int, compute_bytes: int
     if method.startswith(("ties", "breadcrumbs")):
         inputs += params * 4 * n
     if method.startswith("della"):
-        inputs += params * 4 * n
+        inputs += params * 2 * n
     return {"live_model_bytes": params * out_bytes, "inputs_bytes": inputs, "total_bytes": params * out_bytes + inputs}
 
 

@@ -3,6 +3,7 @@ the torch operations run."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -62,12 +63,14 @@ def test_fused_lets_nan_through(where, monkeypatch):
 @needs_cc
 def test_the_random_stream_is_the_same_in_c_and_torch():
     """DARE's and DELLA's draws: fused.c's stream equals sparsify.uniform16's, from any offset (so spans agree)."""
-    from merge_core.methods.sparsify import RandomKeep, uniform16
+    from merge_core.methods.sparsify import RandomKeep, RowRank, _row_rank, uniform16
 
     x = torch.ones(10_000)
-    rank = torch.rand(10_000)
+    codes = _row_rank(torch.randn(10, 1000, generator=torch.Generator().manual_seed(3)))   # 16-bit positions
+    floats = RowRank(torch.rand(10_000), 0.0)                                               # rows over 65536
+    assert codes.codes.dtype == torch.int16 and codes.span == 999
     for key in (0, 12345, 2**63 - 2):
-        for keep in (RandomKeep(key, 0.5), RandomKeep(key, 0.3, 0.4, rank)):
+        for keep in (RandomKeep(key, 0.5), RandomKeep(key, 0.3, 0.4, codes), RandomKeep(key, 0.3, 0.4, floats)):
             assert fused.kept_abs_sum(x, keep) == float(keep.kept(x, 0).sum())
             for lo in (0, 1, 3, 517):       # a span from any position draws what the whole stream draws there
                 assert torch.equal(keep.kept(x[lo:], lo), keep.kept(x, 0)[lo:])
@@ -75,6 +78,25 @@ def test_the_random_stream_is_the_same_in_c_and_torch():
     draws = uniform16(7, 0, 1_000_000).float()
     assert abs(float(draws.mean()) / 65536 - 0.5) < 2e-3 and float(draws.min()) >= 0 and float(draws.max()) < 65536
     assert abs(float((uniform16(7, 0, 1_000_000) < RandomKeep(7, 0.3).threshold).float().mean()) - 0.3) < 2e-3
+
+
+def test_row_ranks_in_16_bits_are_the_float_ranks():
+    """DELLA's 16-bit rank positions give the float32 ranks a double argsort gives, on CPU (numpy) and the torch
+    path; rows wider than 65536 fall back to float32 values."""
+    from merge_core.methods.sparsify import _row_rank
+
+    gen = torch.Generator().manual_seed(4)
+    for shape in [(7,), (5, 40000), (3, 4, 9)]:      # distinct magnitudes: no tie left to the sort's order
+        n = math.prod(shape)
+        delta = (torch.randperm(n, generator=gen).float() + 1).mul_(torch.randn(n, generator=gen).sign()).view(shape)
+        mags = delta.abs().unsqueeze(0) if delta.dim() < 2 else delta.abs()
+        expected = (mags.argsort(dim=1).argsort(dim=1).float() / max(mags.shape[1] - 1, 1)).reshape(-1)
+        rank = _row_rank(delta)
+        assert rank.codes.dtype == torch.int16
+        assert torch.equal(rank.values(0, delta.numel()), expected), shape
+        assert torch.equal(rank.values(11, 5), expected[11:16]), shape
+    wide = _row_rank(torch.randn(1, (1 << 16) + 1, generator=gen))
+    assert wide.codes.dtype == torch.float32 and wide.span == 0.0
 
 
 @needs_cc

@@ -21,10 +21,12 @@
 
 typedef struct {
     const void *delta;       /* task vector j at the segment's first element (float32, or bfloat16 if bf16) */
-    const float *rank;       /* DELLA: rank of |d| in its row, in [0, 1], at the segment's first element */
+    const void *rank;        /* DELLA: rank of |d| in its row at the segment's first element: a uint16 position r
+                                (the rank is r / span, correctly rounded as torch divides), or float32 if span = 0 */
     uint64_t key;            /* random trims: the stream's key */
     float low, high;         /* the window (low < 0: no lower bound; high = inf: no upper bound) */
     float coeff, weight;     /* u = coeff * kept; weight: its term of the divisor */
+    float span;              /* DELLA: row width - 1 (0: float32 ranks) */
     float prob_a, prob_b;    /* random trims: keep probability a (DARE) or a + b * rank (DELLA) */
     int32_t random;          /* 0: window only; 1: DARE; 2: DELLA */
     int32_t bf16;            /* the task vector is bfloat16 */
@@ -81,7 +83,14 @@ static void kept_block(const Term *t, int64_t i0, int64_t at0, int64_t m, float 
             uint32_t threshold = t->threshold;
             for (int64_t i = 0; i < m; i++) k[i] = u[i] < threshold ? k[i] : 0.0f;
         } else {
-            const float *r = t->rank + i0;
+            float r[BLOCK];
+            if (t->span > 0.0f) {
+                const uint16_t *code = (const uint16_t *)t->rank + i0;
+                for (int64_t i = 0; i < m; i++) r[i] = (float)code[i] / t->span;
+            } else {
+                const float *value = (const float *)t->rank + i0;
+                for (int64_t i = 0; i < m; i++) r[i] = value[i];
+            }
             for (int64_t i = 0; i < m; i++)
                 k[i] = (float)u[i] * 0x1p-16f < t->prob_a + t->prob_b * r[i] ? k[i] : 0.0f;
         }

@@ -40,7 +40,8 @@ class Term(ctypes.Structure):
 
     _fields_ = [("delta", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("key", ctypes.c_uint64),
                 ("low", ctypes.c_float), ("high", ctypes.c_float), ("coeff", ctypes.c_float),
-                ("weight", ctypes.c_float), ("prob_a", ctypes.c_float), ("prob_b", ctypes.c_float),
+                ("weight", ctypes.c_float), ("span", ctypes.c_float), ("prob_a", ctypes.c_float),
+                ("prob_b", ctypes.c_float),
                 ("random", ctypes.c_int32), ("bf16", ctypes.c_int32), ("threshold", ctypes.c_uint32),
                 ("pad", ctypes.c_int32)]
 
