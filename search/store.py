@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -39,7 +41,71 @@ SPACE_ATTR = "mergesearch_space"
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
             "gp": optuna.samplers.GPSampler, "nsga2": optuna.samplers.NSGAIISampler,
             "random": optuna.samplers.RandomSampler}
-PRUNERS = {"wilcoxon": optuna.pruners.WilcoxonPruner, "median": optuna.pruners.MedianPruner,
+class WilcoxonPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose per-step values, paired step by step with the best trial's, are worse by a one-sided
+    Wilcoxon signed-rank test (zero differences split, normal approximation) at p < p_threshold, unless its mean
+    over those steps is at least the best trial's; never with fewer than max(2, n_startup_steps) pairs.
+
+    optuna's WilcoxonPruner runs the same test through scipy's "auto" method, which becomes a permutation test
+    when differences tie or are zero: always, for per-chunk accuracies. That cost 0.3-0.6 s a report, 87% of the
+    time of a pruned demo search (profiled: 417 of 481 s over 80 trials); the approximation costs ~0.2 ms.
+    """
+
+    def __init__(self, p_threshold: float = 0.1, n_startup_steps: int = 2):
+        if not 0.0 <= p_threshold <= 1.0:
+            raise ValueError(f"p_threshold must be between 0 and 1, got {p_threshold}")
+        if n_startup_steps < 0:
+            raise ValueError(f"n_startup_steps must be >= 0, got {n_startup_steps}")
+        self.p_threshold, self.n_startup_steps = p_threshold, n_startup_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        mine = trial.intermediate_values
+        if not mine:
+            return False
+        try:
+            best = study.best_trial.intermediate_values
+        except ValueError:          # no completed trial yet
+            return False
+        steps = sorted(set(mine) & set(best))
+        if len(steps) < max(2, self.n_startup_steps):
+            return False
+        ours, theirs = np.array([mine[s] for s in steps]), np.array([best[s] for s in steps])
+        if not (np.isfinite(ours).all() and np.isfinite(theirs).all()):
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        if (ours.mean() >= theirs.mean()) if maximize else (ours.mean() <= theirs.mean()):
+            return False
+        return wilcoxon_p(ours - theirs if maximize else theirs - ours) < self.p_threshold
+
+
+def wilcoxon_p(differences: np.ndarray) -> float:
+    """One-sided p-value that the differences lean negative: the Wilcoxon signed-rank statistic with zero
+    differences splitting their ranks, ties ranked by their mean, against its normal approximation (with the tie
+    correction of the variance), as scipy.stats.wilcoxon(d, alternative="less", zero_method="zsplit",
+    method="asymptotic")."""
+    n = len(differences)
+    magnitudes = np.abs(differences)
+    order = np.argsort(magnitudes, kind="stable")
+    sorted_mags = magnitudes[order]
+    ranks = np.empty(n)
+    start = 0
+    ties = 0.0
+    for end in range(1, n + 1):             # runs of equal magnitude share their mean rank
+        if end == n or sorted_mags[end] != sorted_mags[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2
+            t = end - start
+            ties += t ** 3 - t
+            start = end
+    positive = ranks[differences > 0].sum() + ranks[differences == 0].sum() / 2
+    mean = n * (n + 1) / 4
+    variance = n * (n + 1) * (2 * n + 1) / 24 - ties / 48
+    if variance <= 0:
+        return 1.0
+    z = (positive - mean) / math.sqrt(variance)
+    return 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+PRUNERS = {"wilcoxon": WilcoxonPruner, "median": optuna.pruners.MedianPruner,
            "halving": optuna.pruners.SuccessiveHalvingPruner, "hyperband": optuna.pruners.HyperbandPruner,
            "none": optuna.pruners.NopPruner}
 SAMPLER_DEFAULTS = {"tpe": {"multivariate": True}}

@@ -143,3 +143,39 @@ def test_the_final_comparison_has_every_plain_merge_and_an_interval(zoo, tmp_pat
         assert final["items"]["select"][task] + final["items"]["report"][task] == len(items)
     header = (cfg.output_dir / "best_config.yaml").read_text()
     assert "report half" in header and "95% interval" in header
+
+
+def test_wilcoxon_pruner_statistic_is_scipys_normal_approximation():
+    """The pruner's one-sided signed-rank p-value equals scipy's (zsplit, asymptotic) on tied and zero differences:
+    per-chunk accuracies, where scipy's default method would run a permutation test per report."""
+    import numpy as np
+    import scipy.stats
+
+    from search.store import wilcoxon_p
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        d = np.round(rng.normal(rng.normal(0, 0.3), 1, int(rng.integers(2, 40))) * 4) / 4
+        if d.any():
+            expected = scipy.stats.wilcoxon(d, alternative="less", zero_method="zsplit", method="asymptotic").pvalue
+            assert wilcoxon_p(d) == pytest.approx(expected, abs=1e-12)
+
+
+def test_wilcoxon_pruner_prunes_a_clearly_worse_trial_only():
+    from search.store import WilcoxonPruner
+
+    pruner = WilcoxonPruner(p_threshold=0.1, n_startup_steps=4)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    best = study.ask()
+    for step in range(12):
+        best.report(0.8 + 0.01 * (step % 3), step)
+    study.tell(best, 0.8)
+
+    def trial_with(values):
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                         intermediate_values=dict(enumerate(values)))
+
+    assert pruner.prune(study, trial_with([0.2] * 12))                 # worse at every step
+    assert not pruner.prune(study, trial_with([0.2] * 3))              # too few steps yet
+    assert not pruner.prune(study, trial_with([0.9] * 12))             # better: never
+    assert not pruner.prune(study, trial_with([0.8, 0.81, 0.82] * 4))  # the same values: no evidence
