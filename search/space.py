@@ -55,8 +55,9 @@ class SearchSpace:
                              f"({self.num_layers}); use at most anchors:{self.num_layers} or granularity: layer",
                              f"{study.path.name}: space.granularity")
         self.groups: list[str | None] = [*space.per_filter, REST] if space.per_filter else [None]
+        # a method that needs a base merges the others into it (or, SLERP, moves away from it): not searched
         self.searched_models = [i for i, ref in enumerate(self.model_refs)
-                                if not (self.method.requires_base and self.method.delta_based and ref == self.base_ref)]
+                                if not (self.method.requires_base and ref == self.base_ref)]
         self.genes = self._genes()
 
     # ---- structure ------------------------------------------------------------------------------
