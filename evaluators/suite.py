@@ -207,10 +207,12 @@ class Suite:
         return sum(len(t.splits[split]) for t in self._tasks)
 
     def evaluate(self, model, split: str = "search", callback: Callback | None = None,
-                 chunk_size: int | None = None) -> SuiteResult:
+                 chunk_size: int | None = None, known: dict[str, dict[str, float]] | None = None) -> SuiteResult:
         """Score `model` (as it is now) on `split`. Items are scored in chunks of `chunk_size` per task, the
         tasks taking turns; after each chunk `callback(Progress)` runs, and whatever it raises (e.g. a pruning
-        signal) propagates out unchanged. Without chunk_size each task is one chunk."""
+        signal) propagates out unchanged. Without chunk_size each task is one chunk.
+        `known` ({task: {item id: value}}): items not scored but counted with these values (in every partial
+        result too); the steps of the scored items are then their indices among the scored ones."""
         self._check_split(split)
         self._check_device(model)
         empty = [t.spec.name for t in self._tasks if not t.splits[split]]
@@ -219,10 +221,13 @@ class Suite:
                             + (" (holdout is 0)" if split == "holdout" and not self.has_holdout else ""))
         if chunk_size is not None and chunk_size < 1:
             raise EvalError(f"chunk size must be >= 1, got {chunk_size}")
-        per_item: dict[str, dict[str, float]] = {t.spec.name: {} for t in self._tasks}
+        known = {t.spec.name: {t.ids[p]: known[t.spec.name][t.ids[p]] for p in t.splits[split]
+                               if t.ids[p] in known.get(t.spec.name, {})} for t in self._tasks} if known else {}
+        per_item: dict[str, dict[str, float]] = {t.spec.name: dict(known.get(t.spec.name, {})) for t in self._tasks}
         seconds = {t.spec.name: 0.0 for t in self._tasks}
-        total, done = self.size(split), 0
-        for task, first_step, chunk in self._schedule(split, chunk_size):
+        schedule = self._schedule(split, chunk_size, known)
+        total, done = sum(len(chunk) for _, _, chunk in schedule), 0
+        for task, first_step, chunk in schedule:
             started = time.perf_counter()
             values = [scores[task.metric] for scores in task.scorer.score(model, chunk)]
             seconds[task.spec.name] += time.perf_counter() - started
@@ -235,16 +240,21 @@ class Suite:
                 callback(Progress(new, self._result(split, per_item, seconds), task.spec.name, done, total))
         return self._result(split, per_item, seconds)
 
-    def _schedule(self, split: str, chunk_size: int | None) -> list[tuple[_Task, int, list[int]]]:
-        """(task, step of the chunk's first item, item positions): round-robin over tasks, chunk by chunk."""
+    def _schedule(self, split: str, chunk_size: int | None, known: dict[str, dict[str, float]]
+                  ) -> list[tuple[_Task, int, list[int]]]:
+        """(task, step of the chunk's first item, item positions): round-robin over tasks, chunk by chunk; the
+        `known` items left out."""
         per_task, offset = [], 0
         for task in self._tasks:
-            positions = task.splits[split]
+            skip = known.get(task.spec.name, {})
+            positions = [p for p in task.splits[split] if task.ids[p] not in skip]
+            if not positions:
+                continue
             size = chunk_size or len(positions)
             per_task.append([(task, offset + start, positions[start:start + size])
                              for start in range(0, len(positions), size)])
             offset += len(positions)
-        rounds = max(len(chunks) for chunks in per_task)
+        rounds = max((len(chunks) for chunks in per_task), default=0)
         return [chunks[r] for r in range(rounds) for chunks in per_task if r < len(chunks)]
 
     def _result(self, split: str, per_item: dict[str, dict[str, float]], seconds: dict[str, float]) -> SuiteResult:

@@ -114,11 +114,13 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The `evaluation:` block of a study/soup YAML: the tasks, the holdout fraction and the split seed."""
+    """The `evaluation:` block of a study/soup YAML: the tasks, the holdout fraction, the split seed, and whether
+    the search skips the items every parent and the base score alike (`skip_uninformative`)."""
 
     tasks: list[TaskSpec]
     holdout: float = 0.0
     seed: int = 0
+    skip_uninformative: bool = False
 
     @property
     def has_holdout(self) -> bool:
@@ -153,12 +155,14 @@ T = TypeVar("T")
 
 
 def parse_evaluation_block(block: Any, base_dir: Path | str = ".", where: str = "evaluation") -> EvaluationConfig:
-    """Validate an `evaluation:` mapping {tasks: [...], holdout: 0.5, seed: 0}; raises EvalError naming the field."""
+    """Validate an `evaluation:` mapping {tasks: [...], holdout: 0.5, seed: 0, skip_uninformative: false}; raises
+    EvalError naming the field."""
     if not isinstance(block, dict):
         raise EvalError("must be a mapping with `tasks:`", where)
-    unknown = sorted(set(block) - {"tasks", "holdout", "seed"})
+    allowed = ("tasks", "holdout", "seed", "skip_uninformative")
+    unknown = sorted(set(block) - set(allowed))
     if unknown:
-        raise EvalError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: tasks, holdout, seed", where)
+        raise EvalError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}", where)
     raw_tasks = block.get("tasks")
     if not isinstance(raw_tasks, list) or not raw_tasks:
         raise EvalError("must be a non-empty list of tasks", f"{where}.tasks")
@@ -172,7 +176,10 @@ def parse_evaluation_block(block: Any, base_dir: Path | str = ".", where: str = 
     seed = block.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EvalError(f"must be an integer, got {seed!r}", f"{where}.seed")
-    return EvaluationConfig(tasks=specs, holdout=float(holdout), seed=seed)
+    skip = block.get("skip_uninformative", False)
+    if not isinstance(skip, bool):
+        raise EvalError(f"must be true or false, got {skip!r}", f"{where}.skip_uninformative")
+    return EvaluationConfig(tasks=specs, holdout=float(holdout), seed=seed, skip_uninformative=skip)
 
 
 def parse_task_arg(text: str, base_dir: Path | str = ".") -> TaskSpec:

@@ -42,7 +42,7 @@ def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | No
 
     import optuna
 
-    from search.loop import Budget, ensure_references, open_study, run_worker
+    from search.loop import Budget, ensure_references, known_items_of, open_study, run_worker
     from search.objective import TrialRunner
     from search.space import SearchSpace
     from search.study import PrunerConfig, SamplerConfig, load_study
@@ -59,6 +59,7 @@ def run(study_path: Path, sampler: str, seed: int, trials: int, pruner: str | No
     study = open_study(cfg, space=space)
     runner = TrialRunner(cfg, space, device="cpu")
     runner.references = ensure_references(study, cfg, lambda: runner)
+    runner.known_items = known_items_of(study, cfg)
     stamps: list[float] = []
     clock: dict[int, tuple[float, float]] = {}          # trial number -> (wall, process CPU) when it ended
     cpu0 = time.process_time()

@@ -36,7 +36,8 @@ from merge_core.writer import pid_alive
 from search import StudyError
 from search.export import folder_lock, maybe_write_best
 from search.final import finalize
-from search.objective import Interrupted, TrialRunner, check_inputs, ensure_references, fault_reason, references_of
+from search.objective import (Interrupted, TrialRunner, check_inputs, ensure_references, fault_reason, known_items_of,
+                              references_of)
 from search.space import SearchSpace
 from search.store import (
     HEARTBEAT_S,
@@ -75,8 +76,8 @@ class NoProgress:
         log.info(text)
 
     def summary(self, study, study_cfg) -> None: ...
-__all__ = ["MAX_RETRY", "Budget", "ensure_references", "finalize", "open_study", "references_of", "run_search",
-           "run_worker"]
+__all__ = ["MAX_RETRY", "Budget", "ensure_references", "finalize", "known_items_of", "open_study", "references_of",
+           "run_search", "run_worker"]
 
 
 # ---- the budget --------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ def run_worker(study_cfg: StudyConfig, storage_url: str | None, budget: Budget, 
     space = SearchSpace(study_cfg)
     study = study or open_study(study_cfg, storage_url, space=space)
     runner = runner or TrialRunner(study_cfg, space, device=device, stop=stop,
-                                   references=references_of(study, study_cfg))
+                                   references=references_of(study, study_cfg),
+                                   known_items=known_items_of(study, study_cfg))
     while not stop.is_set():
         trial = ask_within_budget(study, budget, study_cfg.output_dir)
         if trial == "wait":
@@ -280,7 +282,7 @@ def run_search(study_cfg: StudyConfig, *, trials: int | None, timeout: float | N
             references = ensure_references(study, study_cfg, lambda: runner or TrialRunner(study_cfg, space,
                                                                                             device=device))
             if runner is not None:
-                runner.references = references
+                runner.references, runner.known_items = references, known_items_of(study, study_cfg)
             seed_study(study, space)
             maybe_write_best(study, study_cfg)   # a kill between tell and write leaves it stale: mend it now
             _run_and_finalize(study_cfg, study, space, storage_url, budget, device, workers, stop, progress,

@@ -75,14 +75,18 @@ class TrialRunner:
     """A worker's resident merge engine and evaluation suite; runs trials and re-evaluations.
 
     `references` (task -> score): what a task's score is normalized by (the objective's aggregate); None until
-    `measure_references` or the study's stored ones set it."""
+    `measure_references` or the study's stored ones set it. `known_items` ({task: {item id: value}}): search
+    items every trial counts with these values instead of scoring them (`evaluation.skip_uninformative`)."""
 
     def __init__(self, study: StudyConfig, space: SearchSpace, device: str | None = None,
-                 stop: threading.Event | None = None, references: dict[str, float] | None = None):
+                 stop: threading.Event | None = None, references: dict[str, float] | None = None,
+                 known_items: dict[str, dict[str, float]] | None = None):
         self.study = study
         self.space = space
         self.stop = stop or threading.Event()
         self.references = references
+        self.known_items = known_items
+        self._parent_results: list = []     # what measure_references scored: (label, SuiteResult or reason)
         t0 = time.perf_counter()
         first = space.config(space.constant(space.default_values()))
         self.engine = MergeEngine(first, device=device or study.device, seed=study.seed,
@@ -97,7 +101,8 @@ class TrialRunner:
         t0 = time.perf_counter()
         model = self.engine.materialize(config, check_finite=True)
         t1 = time.perf_counter()
-        result = self.suite.evaluate(model, split=split, callback=callback, chunk_size=chunk_size)
+        known = self.known_items if split == "search" else None
+        result = self.suite.evaluate(model, split=split, callback=callback, chunk_size=chunk_size, known=known)
         t2 = time.perf_counter()
         bad = [task.name for task in result.tasks if not math.isfinite(task.score)]
         if bad:
@@ -114,38 +119,58 @@ class TrialRunner:
         cannot be scored (NaN/inf, out of memory) is left out with a warning; a task no parent could be scored
         on gets NaN (check_references then asks for a `reference:`)."""
         best = {spec.name: math.nan for spec in self.study.evaluation.tasks}
-        for label, scores in self._parent_scores():
-            if isinstance(scores, str):
-                log.warning("reference: parent %s cannot be scored (%s); left out", label, scores)
+        self._parent_results = self._parent_scores()
+        for label, result in self._parent_results:
+            if isinstance(result, str):
+                log.warning("reference: parent %s cannot be scored (%s); left out", label, result)
                 continue
-            for task, score in scores.items():
-                best[task] = score if math.isnan(best[task]) else max(best[task], score)
+            for task in result.tasks:
+                best[task.name] = task.score if math.isnan(best[task.name]) else max(best[task.name], task.score)
         return best
 
-    def _parent_scores(self) -> list[tuple[str, dict[str, float] | str]]:
-        parents = self.space.parent_genomes()
-        if parents is not None:
-            return [(label, self._task_scores(lambda: self.evaluate(self.space.config(genome), "search")[0]))
-                    for label, genome in parents]
-        out = []
-        for m in self.space.searched_models:     # one small engine a parent (the next replaces it)
-            alone = self.space.parent_config(m)
-            engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
-            out.append((self.space.model_refs[m], self._task_scores(
-                lambda: self.suite.evaluate(engine.materialize(alone, check_finite=True), "search"))))
+    def uninformative_items(self) -> dict[str, dict[str, float]]:
+        """{task: {item id: value}}: the search items on which every parent and the base (each alone) score the
+        same value. They cannot tell merges of these models apart, as far as the models themselves show, so the
+        search counts them with that value instead of scoring them (`evaluation.skip_uninformative`). Uses the
+        parents `measure_references` scored, plus the base; nothing when some model could not be scored."""
+        results = list(self._parent_results or self._parent_scores())
+        base = self.space.base_ref
+        if base is not None and base not in {self.space.model_refs[m] for m in self.space.searched_models} \
+                and not any(label == "base" for label, _ in results):
+            results.append(("base", self._alone_result(self.space.alone_config(base))))
+        if len(results) < 2 or any(isinstance(result, str) for _, result in results):
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for spec in self.study.evaluation.tasks:
+            tables = [result.task(spec.name).per_item for _, result in results]
+            out[spec.name] = {item: value for item, value in tables[0].items()
+                              if all(table.get(item) == value for table in tables[1:])}
         return out
 
+    def _parent_scores(self) -> list[tuple[str, object]]:
+        """(label, SuiteResult on the search items, or why it could not be scored) of each parent alone."""
+        parents = self.space.parent_genomes()
+        if parents is not None:
+            return [(label, self._scored(lambda g=genome: self.evaluate(self.space.config(g), "search")[0]))
+                    for label, genome in parents]
+        return [(self.space.model_refs[m], self._alone_result(self.space.parent_config(m)))
+                for m in self.space.searched_models]
+
+    def _alone_result(self, alone):
+        """One model alone, on the search items (every one of them), through a small engine of its own."""
+        engine = MergeEngine(alone, device=self.engine.device, allow_pickle=self.study.allow_pickle)
+        return self._scored(lambda: self.suite.evaluate(engine.materialize(alone, check_finite=True), "search"))
+
     @staticmethod
-    def _task_scores(evaluate) -> dict[str, float] | str:
-        """Per-task scores of `evaluate()`, or why the candidate could not be scored."""
+    def _scored(evaluate):
+        """The SuiteResult of `evaluate()`, or why the candidate could not be scored."""
         try:
-            result = evaluate()
+            return evaluate()
         except Exception as err:  # noqa: BLE001 - faults of a candidate; anything else propagates
             reason = fault_reason(err)
             if reason is None:
                 raise
             return reason
-        return {t.name: t.score for t in result.tasks}
 
     # ---- one trial ------------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial):
@@ -199,16 +224,31 @@ class TrialRunner:
 
 
 # ---- the references of the objective ---------------------------------------------------------------------
-REFERENCES_ATTR = "references"     # {"measured": {task: best parent's search score}}
+REFERENCES_ATTR = "references"     # {"measured": {task: best parent's search score},
+                                   #  "uninformative": {task: {item id: value}} with skip_uninformative}
 
 
 def ensure_references(study: optuna.Study, study_cfg: StudyConfig, make_runner) -> dict[str, float]:
     """The objective's per-task references, measured once per study on the search items (the best parent's score
-    per task) and stored with it, so that a resumed search and every worker use the same ones."""
+    per task) and stored with it, so that a resumed search and every worker use the same ones; with
+    `evaluation.skip_uninformative`, the items every parent and the base score alike, found at the same time."""
     if REFERENCES_ATTR not in study.user_attrs:
         runner = make_runner()
-        study.set_user_attr(REFERENCES_ATTR, {"measured": runner.measure_references()})
+        measured = {"measured": runner.measure_references()}
+        if study_cfg.evaluation.skip_uninformative:
+            measured["uninformative"] = runner.uninformative_items()
+        study.set_user_attr(REFERENCES_ATTR, measured)
+    elif study_cfg.evaluation.skip_uninformative and "uninformative" not in study.user_attrs[REFERENCES_ATTR]:
+        log.warning("evaluation.skip_uninformative applies from a study's first trial; this study began without it "
+                    "and goes on scoring every item (start a new study to use it)")
     return references_of(study, study_cfg)
+
+
+def known_items_of(study: optuna.Study, study_cfg: StudyConfig) -> dict[str, dict[str, float]] | None:
+    """The search items trials count without scoring (evaluation.skip_uninformative), or None."""
+    if not study_cfg.evaluation.skip_uninformative:
+        return None
+    return (study.user_attrs.get(REFERENCES_ATTR) or {}).get("uninformative")
 
 
 def references_of(study: optuna.Study, study_cfg: StudyConfig) -> dict[str, float]:

@@ -171,10 +171,14 @@ class SearchSpace:
 
     def parent_config(self, m: int) -> MergeConfig:
         """Model `m` alone as a config (linear, weight 1): the parent where the space cannot express it."""
+        return self.alone_config(self.model_refs[m])
+
+    def alone_config(self, ref: str) -> MergeConfig:
+        """The model `ref` (a parent, the base) alone as a config: linear, weight 1, the merge's dtypes."""
         merge = self.study.merge_raw
-        raw = {"merge_method": "linear", "models": [{"model": self.model_refs[m], "parameters": {"weight": 1.0}}]}
+        raw = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
         raw.update({k: merge[k] for k in ("dtype", "out_dtype", "tokenizer_source") if merge.get(k)})
-        return parse_config(raw, where=f"parent {self.model_refs[m]}", base_dir=self.study.base_dir)
+        return parse_config(raw, where=f"model {ref} alone", base_dir=self.study.base_dir)
 
     def seed_genomes(self, kinds: tuple[str, ...] | None = None) -> list[tuple[str, dict[str, float]]]:
         """Named seed trials of the study's `seed_trials` (or of `kinds`): each parent alone (where the method

@@ -35,3 +35,11 @@ def test_an_item_in_both_files_is_refused(zoo, tmp_path):
                                              "holdout_path": "h.jsonl"}]}, tmp_path)
     with pytest.raises(EvalError, match="both the task file and its holdout file"):
         Suite.from_config(cfg, AutoTokenizer.from_pretrained(zoo["base"]))
+
+
+def test_skip_uninformative_is_a_boolean(tmp_path):
+    tasks = [{"name": "add", "kind": "multiple_choice", "path": "s.jsonl"}]
+    assert not parse_evaluation_block({"tasks": tasks}, tmp_path).skip_uninformative
+    assert parse_evaluation_block({"tasks": tasks, "skip_uninformative": True}, tmp_path).skip_uninformative
+    with pytest.raises(EvalError, match="skip_uninformative.*true or false"):
+        parse_evaluation_block({"tasks": tasks, "skip_uninformative": "yes"}, tmp_path)

@@ -179,3 +179,45 @@ def test_wilcoxon_pruner_prunes_a_clearly_worse_trial_only():
     assert not pruner.prune(study, trial_with([0.2] * 3))              # too few steps yet
     assert not pruner.prune(study, trial_with([0.9] * 12))             # better: never
     assert not pruner.prune(study, trial_with([0.8, 0.81, 0.82] * 4))  # the same values: no evidence
+
+
+def test_skip_uninformative_counts_settled_items_without_scoring_them(zoo, tmp_path):
+    """evaluation.skip_uninformative: the items every parent and the base score alike are found once, at the
+    study's start; trials count them with that value and score only the rest."""
+    from merge_core.engine import MergeEngine
+    from search.objective import TrialRunner
+
+    path = write_study(tmp_path, zoo, trials=6, sampler="random", n_items=40, extra={"final": {"baselines": False}})
+    data = yaml.safe_load(path.read_text())
+    data["evaluation"]["skip_uninformative"] = True
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_study(path)
+    assert run_search(cfg, trials=6, timeout=None) == 0
+    study = open_study(cfg, space=SearchSpace(cfg))
+    skipped = study.user_attrs["references"]["uninformative"]
+
+    space = SearchSpace(cfg)                       # each model alone on every search item, independently
+    runner = TrialRunner(cfg, space, device="cpu")
+    full = {}
+    for ref in (zoo["base"], zoo["ft_add"], zoo["ft_reverse"]):
+        alone = space.alone_config(str(ref))
+        result = runner.suite.evaluate(MergeEngine(alone, device="cpu").materialize(alone), "search")
+        full[str(ref)] = {t.name: t.per_item for t in result.tasks}
+    tables = list(full.values())
+    for task in ("add", "rev"):
+        assert skipped[task] == {i: v for i, v in tables[0][task].items() if all(t[task][i] == v for t in tables[1:])}
+    n_items = sum(len(items) for items in tables[0].values())
+    assert 0 < sum(map(len, skipped.values())) < n_items
+
+    # a parent's seed trial, counted with the skipped values, has the parent's score on every item
+    seeds = [t.user_attrs["scores"] for t in study.trials if str(t.user_attrs.get("seed", "")).startswith("parent")]
+    for task in ("add", "rev"):
+        expected = sorted(sum(table[ref][task].values()) / len(table[ref][task])
+                          for table in [full] for ref in (str(zoo["ft_add"]), str(zoo["ft_reverse"])))
+        assert sorted(s[task] for s in seeds) == pytest.approx(expected)
+
+    runner.known_items = skipped                   # and a trial scores only the other items
+    scored = []
+    runner.evaluate(space.config(space.constant(space.default_values())), "search",
+                    callback=lambda progress: scored.append(len(progress.new)), chunk_size=8)
+    assert sum(scored) == n_items - sum(map(len, skipped.values()))
