@@ -141,6 +141,9 @@ def validate_command(args) -> int:
         table.add_row(spec.name, spec.kind, str(counts[spec.name]["search"]), str(counts[spec.name]["holdout"]),
                       f"{spec.weight:g}")
     say.print(table)
+    if study_cfg.evaluation.skip_uninformative:
+        say.print("search items every parent and the base score alike: found before the first trial, then "
+                  "counted without scoring (evaluation.skip_uninformative)")
     say.print(f"sampler {study_cfg.sampler.name}, pruner {study_cfg.pruner.name}, budget "
               f"{study_cfg.trials or '-'} trials / {study_cfg.timeout or '-'} s; device {device}")
     say.print(f"storage {redact(url)} ({'resumes the study' if resumes else 'would be created'}); "
@@ -152,6 +155,7 @@ def validate_command(args) -> int:
                                                           for g in space.genes],
                     "tasks": {spec.name: {"kind": spec.kind, **counts[spec.name], "weight": spec.weight}
                               for spec in study_cfg.evaluation.tasks},
+                    "skip_uninformative": study_cfg.evaluation.skip_uninformative,
                     "sampler": study_cfg.sampler.name, "pruner": study_cfg.pruner.name,
                     "budget": {"trials": study_cfg.trials, "timeout_s": study_cfg.timeout}, "device": device,
                     "storage": redact(url), "storage_exists": resumes, "output_dir": str(study_cfg.output_dir)})
