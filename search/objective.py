@@ -193,9 +193,10 @@ class TrialRunner:
         """The staged-evaluation callback, once per chunk (`pruner.every` items of one task, the tasks taking
         turns): honour a stop request, report to the pruner (one storage write a chunk), prune.
 
-        Chunk k is the same items in every trial. Wilcoxon pairs trials chunk by chunk, on the chunk's mean item
-        score weighted as in the objective (item / reference for normalized and worst); the other pruners see the
-        objective over everything scored so far, at step k."""
+        Chunk k of task t reports at step k * tasks + t: the same items in every trial, steps increasing in the
+        round-robin order. Wilcoxon sees the chunk's mean item score weighted as in the objective (item /
+        reference for normalized and worst; see store.WilcoxonPruner); the other pruners see the objective over
+        everything scored so far."""
         paired = self.study.pruner.name == "wilcoxon"
         prunes = self.study.pruner.name != "none" and not self.study.multi_objective
         per_item = item_weights(self.study.aggregate, self.references or {})
@@ -203,12 +204,13 @@ class TrialRunner:
         # so the pruner can compare against them, but are never pruned themselves (a specialist parent scores
         # ~0 on the other tasks and would be pruned on its first items).
         may_prune = "seed" not in trial.user_attrs
-        chunks = itertools.count()
+        tasks = [spec.name for spec in self.study.evaluation.tasks]
+        chunks = {name: itertools.count() for name in tasks}
 
         def report(progress) -> None:
             if self.stop.is_set():
                 raise Interrupted("stopped by the user")
-            step = next(chunks)
+            step = next(chunks[progress.task]) * len(tasks) + tasks.index(progress.task)   # chunk k of task t
             if not prunes:
                 return
             if paired:

@@ -178,7 +178,7 @@ def test_wilcoxon_pruner_prunes_a_clearly_worse_trial_only():
     assert pruner.prune(study, trial_with([0.2] * 12))                 # worse at every step
     assert not pruner.prune(study, trial_with([0.2] * 3))              # too few steps yet
     assert not pruner.prune(study, trial_with([0.9] * 12))             # better: never
-    assert not pruner.prune(study, trial_with([0.8, 0.81, 0.82] * 4))  # the same values: no evidence
+    assert not pruner.prune(study, trial_with([0.8 + 0.01 * (s % 3) for s in range(12)]))   # the same values
 
 
 def test_skip_uninformative_counts_settled_items_without_scoring_them(zoo, tmp_path):
@@ -221,3 +221,26 @@ def test_skip_uninformative_counts_settled_items_without_scoring_them(zoo, tmp_p
     runner.evaluate(space.config(space.constant(space.default_values())), "search",
                     callback=lambda progress: scored.append(len(progress.new)), chunk_size=8)
     assert sum(scored) == n_items - sum(map(len, skipped.values()))
+
+
+def test_wilcoxon_pruner_under_worst_tests_each_task_against_the_best_value():
+    """With `worst`, a balanced candidate is not pruned against an unbalanced incumbent (its mean is lower, its
+    minimum higher); a candidate with one task clearly below the incumbent's value is."""
+    from search.store import WilcoxonPruner
+
+    pruner = WilcoxonPruner(p_threshold=0.1, n_startup_steps=4, tasks=3, worst=True)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    best = study.ask()
+    for k in range(8):                                   # steps k * 3 + t: tasks at 0.9, 0.9 and 0.3
+        for t, level in enumerate((0.9, 0.9, 0.3)):
+            best.report(level + 0.02 * (k % 3), k * 3 + t)
+    study.tell(best, 0.3)
+
+    def trial_with(levels):
+        values = {k * 3 + t: level + 0.02 * ((k + t) % 3) for k in range(8) for t, level in enumerate(levels)}
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, intermediate_values=values)
+
+    assert not pruner.prune(study, trial_with((0.5, 0.5, 0.5)))     # balanced: worst 0.5 > 0.3
+    assert pruner.prune(study, trial_with((0.9, 0.1, 0.9)))         # one task clearly below 0.3
+    paired = WilcoxonPruner(p_threshold=0.1, n_startup_steps=4, tasks=3)
+    assert paired.prune(study, trial_with((0.5, 0.5, 0.5)))         # what pairing (a mean) would have done
