@@ -85,6 +85,14 @@ def test_validate_says_what_a_search_would_use_and_creates_nothing(finished_run,
     assert tree(root) == before
     broken = run_here("validate", "study.yaml", "--device", "cuda", cwd=root)
     assert "CUDA" in one_line_error(broken, "validate") and tree(root) == before
+    assert "CMA-ES" not in proc.stderr and summary["skip_uninformative"] is False
+    data = yaml.safe_load((root / "study.yaml").read_text())       # settings worth a line of their own
+    data.update(sampler={"name": "cmaes", "seed": 0}, pruner={"name": "wilcoxon"})
+    data["evaluation"]["skip_uninformative"] = True
+    (root / "study.yaml").write_text(yaml.safe_dump(data))
+    noted = run_here("validate", "study.yaml", "--json", cwd=root)
+    assert noted.returncode == 0 and json.loads(noted.stdout)["skip_uninformative"] is True
+    assert "CMA-ES learns from completed trials only" in noted.stderr and "skip_uninformative" in noted.stderr
 
 
 def test_exports_run_from_any_folder(finished_run, tmp_path):
