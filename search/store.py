@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy import event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from search import StudyError
 
@@ -184,16 +185,39 @@ def make_storage(url: str):
     try:
         if url.endswith((".log", ".journal")) and "://" not in url:
             return optuna.storages.JournalStorage(JournalFileBackend(url))
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=retry_trial)
+        storage = _rdb_storage(url)
         if url.startswith("sqlite"):
             _sqlite_wal(storage.engine)
         return storage
     except Exception as err:  # noqa: BLE001 - SQLAlchemy/driver errors come in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StudyError(f"cannot open storage: {first}", redact(url)) from None
+
+
+CREATE_ATTEMPTS = 6
+
+
+def _rdb_storage(url: str, attempts: int = CREATE_ATTEMPTS):
+    """Open (creating its tables if missing) an RDB storage. Processes that open a fresh database at the same
+    moment (workers on several machines, a dashboard, the search) race to create its tables and version row;
+    the losers see "already exists" or a unique-constraint error, and simply open it again: by then it exists."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=retry_trial)
+        except DBAPIError as err:
+            if attempt + 1 == attempts or not _lost_creation_race(err):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _lost_creation_race(err: DBAPIError) -> bool:
+    """Whether `err` is another process having created the same table or version row first."""
+    text = str(err.orig).lower()
+    return "already exists" in text or "unique" in text or "duplicate" in text
 
 
 def _sqlite_wal(engine) -> None:

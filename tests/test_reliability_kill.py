@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 from studyfiles import write_study
 
-from search import loop, store
+from search import StudyError, loop, store
 from search.loop import MAX_RETRY, open_study, run_search
 from search.space import SearchSpace
 from search.study import load_study
@@ -321,6 +321,23 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def _trials_so_far(cfg) -> list:
+    """The study's trials while a search is starting: none before it has created the study (the search may be
+    creating its tables as we look: seen in CI)."""
+    if not (cfg.output_dir / "study.db").exists():
+        return []
+    try:
+        storage = store.make_storage(cfg.storage_url())
+    except StudyError:
+        return []
+    try:
+        return optuna.load_study(study_name=cfg.name, storage=storage).get_trials()
+    except (KeyError, OperationalError):
+        return []
+    finally:
+        store.close_storage(storage)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow their parent via prctl (Linux)")
 def test_sigkilled_search_leaves_no_workers_and_the_same_command_resumes(zoo, tmp_path):
@@ -335,11 +352,7 @@ def test_sigkilled_search_leaves_no_workers_and_the_same_command_resumes(zoo, tm
     workers: set[int] = set()
     deadline = time.time() + 120
     while time.time() < deadline and search.poll() is None:
-        try:
-            trials = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url()).get_trials() \
-                if (cfg.output_dir / "study.db").exists() else []
-        except (KeyError, OperationalError):    # no study yet, or its tables half made by the search (seen in CI)
-            trials = []
+        trials = _trials_so_far(cfg)
         workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials if "worker" in t.user_attrs}
         if len(workers) == 2 and sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
             break

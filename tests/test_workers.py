@@ -93,3 +93,36 @@ def test_killed_worker_trial_is_retried(zoo, tmp_path, postgres_url):
     # The retry keeps every parameter the killed trial had drawn; a kill in the middle of sampling (or of ask())
     # leaves the rest to be drawn by the retry.
     assert killed.params.items() <= retried[0].params.items()
+
+
+def _open_storage_at_once(url: str, barrier, failures) -> None:
+    from search.store import make_storage
+
+    barrier.wait()
+    try:
+        make_storage(url)
+    except Exception as err:  # noqa: BLE001 - the test reports whatever it was
+        failures.append(str(err))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks the test process")
+def test_processes_opening_a_fresh_storage_at_once_all_open_it(tmp_path):
+    """Workers started together (or a dashboard opened as the search starts) race to create the tables of a
+    fresh database; the losers used to fail with "table studies already exists" or a UNIQUE constraint on
+    alembic_version (9 of 10 rounds of 4 processes, before). They now open what the winner created."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Manager() as manager:
+        failures = manager.list()
+        for round_ in range(5):
+            url, barrier = f"sqlite:///{tmp_path}/fresh{round_}.db", ctx.Barrier(4)
+            procs = [ctx.Process(target=_open_storage_at_once, args=(url, barrier, failures)) for _ in range(4)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(60)
+            assert [p.exitcode for p in procs] == [0] * 4
+        assert list(failures) == []
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/fresh0.db")
+    assert study.get_trials() == []
