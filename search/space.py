@@ -165,6 +165,13 @@ class SearchSpace:
         exact = parents and all(self.clip(genome) == genome and self._unclipped(genome) for _, genome in parents)
         return parents if exact else None
 
+    def parent_refs(self) -> list[str]:
+        """The models `parent_genomes` (where exact) or `parent_config` show alone: both ends of t (for SLERP the
+        base is the t = 0 parent), else each searched model."""
+        if self.parent_genomes() is not None and "t" in self.study.space.params and len(self.model_refs) == 2:
+            return list(self.model_refs)
+        return [self.model_refs[m] for m in self.searched_models]
+
     def _unclipped(self, genome: dict[str, float]) -> bool:
         wanted = {"t": (0.0, 1.0), "weight": (0.0, 1.0), "density": (1.0,)}
         return all(genome[g.name] in wanted.get(g.param, (genome[g.name],)) for g in self.genes)

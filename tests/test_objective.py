@@ -223,6 +223,26 @@ def test_skip_uninformative_counts_settled_items_without_scoring_them(zoo, tmp_p
     assert sum(scored) == n_items - sum(map(len, skipped.values()))
 
 
+def test_skip_uninformative_in_slerp_scores_the_base_once(zoo, tmp_path, monkeypatch):
+    """SLERP's t = 0 parent is the base: the settled items come from the two parents' scores, with no extra
+    evaluation of the base alone (there used to be one at every study start)."""
+    from search.objective import TrialRunner
+
+    path = write_study(tmp_path, zoo, method="slerp", params={"t": [0.0, 1.0]}, n_items=16)
+    cfg = load_study(path)
+    space = SearchSpace(cfg)
+    assert space.parent_refs() == [str(zoo["base"]), str(zoo["ft_add"])]
+    runner = TrialRunner(cfg, space, device="cpu")
+    alone = []
+    monkeypatch.setattr(TrialRunner, "_alone_result", lambda self, config: alone.append(config))
+    settled = runner.uninformative_items()
+    assert alone == [] and set(settled) == {"add", "rev"}
+    parents = dict(runner._parent_scores())
+    for task in ("add", "rev"):
+        tables = [result.task(task).per_item for result in parents.values()]
+        assert settled[task] == {i: v for i, v in tables[0].items() if tables[1][i] == v}
+
+
 def test_wilcoxon_pruner_under_worst_tests_each_task_against_the_best_value():
     """With `worst`, a balanced candidate is not pruned against an unbalanced incumbent (its mean is lower, its
     minimum higher); a candidate with one task clearly below the incumbent's value is."""
