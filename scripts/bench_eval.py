@@ -3,7 +3,9 @@
 
 Prints JSON: items/s of each (median over interleaved repeats), the median of the per-repeat ratios, whether
 every per-item answer is identical, and the work each side fed the model (forward calls, tokens, LM-head rows),
-from which a compute-bound ratio follows that does not depend on the machine. Asserts nothing.
+from which a compute-bound ratio follows that does not depend on the machine. For generation also `scoring_*`:
+the native scorer as a search trial runs it (`score`: rows stop once they cannot match their target), with
+`identical_scores` against full decoding. Asserts nothing.
 
     python scripts/bench_eval.py --model ~/.cache/mergesearch/smollm2/base            # both kinds, plain prompts
     python scripts/bench_eval.py --model ~/.cache/mergesearch/smollm2/base --chat     # through the chat template
@@ -138,20 +140,23 @@ def linear_macs(model) -> tuple[int, int]:
     return total - embed - (0 if tied else head), head
 
 
-def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, int]) -> dict:
+def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, int], scoring=None) -> dict:
     """Time both `repeats` times, interleaved (the machine is shared and noisy): per-side medians, the median
     of the per-repeat ratios of wall and of process CPU time (with --threads 1 the CPU time barely sees other
-    processes), the work of one run of each and the ratio of their linear-layer multiply-adds."""
+    processes), the work of one run of each and the ratio of their linear-layer multiply-adds. `scoring`: a
+    third native run timed alongside (generation as a search trial scores it, see GenerateScorer.score)."""
     native(), lm_eval()  # warm-up, and one counted run of each
     work.reset()
     native_out = native()
     native_work = work.reset()
     lm_eval_out = lm_eval()
     lm_eval_work = work.reset()
-    times: dict[str, list[float]] = {"native": [], "lm_eval": []}
-    cpu: dict[str, list[float]] = {"native": [], "lm_eval": []}
+    sides = [("native", native), ("lm_eval", lm_eval)] + ([("scoring", scoring)] if scoring else [])
+    scoring_out = scoring() if scoring else None
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in sides}
     for _ in range(repeats):
-        for name, fn in (("native", native), ("lm_eval", lm_eval)):
+        for name, fn in sides:
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -164,9 +169,16 @@ def compare(native, lm_eval, repeats: int, n: int, work: Work, macs: tuple[int, 
     def cost(w: dict) -> float:
         return w["tokens"] * body + w["head_rows"] * head
 
+    extra = {}
+    if scoring:
+        extra = {"scoring_items_per_s": round(n / statistics.median(times["scoring"]), 2),
+                 "scoring_ratio": round(statistics.median(
+                     b / a for a, b in zip(times["scoring"], times["lm_eval"], strict=True)), 2),
+                 "scoring_cpu_time_ratio": round(statistics.median(
+                     b / a for a, b in zip(cpu["scoring"], cpu["lm_eval"], strict=True)), 2)}
     return {
-        "native_out": native_out, "lm_eval_out": lm_eval_out,
-        "report": {
+        "native_out": native_out, "lm_eval_out": lm_eval_out, "scoring_out": scoring_out,
+        "report": {**extra,
             "native_items_per_s": round(n / statistics.median(times["native"]), 2),
             "lm_eval_items_per_s": round(n / statistics.median(times["lm_eval"]), 2),
             "ratio": round(statistics.median(ratios), 2),
@@ -247,12 +259,17 @@ def bench_generate(args, model, tokenizer, work: Work, macs, folder: Path, chat:
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             return evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=True, **chat)
 
-    run = compare(lambda: scorer.generations(model, which), lm_eval, args.repeats, len(items), work, macs)
+    run = compare(lambda: scorer.generations(model, which), lm_eval, args.repeats, len(items), work, macs,
+                  scoring=lambda: scorer.score(model, which))
     native_texts, out = run["native_out"], run["lm_eval_out"]
-    lm_eval_texts = [s["filtered_resps"][0] for s in sorted(out["samples"]["bench_gen"], key=lambda s: s["doc_id"])]
+    samples = sorted(out["samples"]["bench_gen"], key=lambda s: s["doc_id"])
+    lm_eval_texts = [s["filtered_resps"][0] for s in samples]
     differ = [i for i, (a, b) in enumerate(zip(native_texts, lm_eval_texts, strict=True)) if a != b]
+    full_scores = [float(t.strip() == r["target"].strip()) for t, r in zip(native_texts, rows, strict=True)]
     return {
         "kind": "generate", "items": len(items), "max_new_tokens": args.max_new_tokens, **run["report"],
+        # scoring stops rows that cannot match their target: its per-item scores must be those of full decoding
+        "identical_scores": [s["exact_match"] for s in run["scoring_out"]] == full_scores,
         "native_exact_match": statistics.fmean(t.strip() == r["target"].strip()
                                                for t, r in zip(native_texts, rows, strict=True)),
         "lm_eval_exact_match": out["results"]["bench_gen"]["exact_match,none"],

@@ -193,6 +193,38 @@ def test_generate_rows_stop_alone_and_new_rows_join(zoo, monkeypatch, preamble):
         assert got == hf_greedy(model, tok, item, 8), item
 
 
+@pytest.mark.parametrize("model_name", ["base", "ft_reverse"])
+def test_scoring_stops_rows_that_cannot_match_with_the_same_scores(zoo, model_name):
+    """score() stops a row once its text can no longer equal its target: the texts are cut short, the scores are
+    those of full decoding, on targets that match, diverge early, diverge late or run past the output."""
+    model, tok = load(zoo[model_name])
+    rows = gen_rows(24, seed=11)
+    full = GenerateScorer([parse_row("generate", r, "x") for r in rows], tok, max_new_tokens=12).generations(
+        model, range(24))
+    for i, (row, out) in enumerate(zip(rows, full, strict=True)):
+        row["target"] = [out, "  " + out.strip() + " ", out[:1] + "#" + out[2:], out[:-1] + "#", out + "zz", "#"][i % 6]
+    items = [parse_row("generate", r, "x") for r in rows]
+    row_steps = []
+    model.register_forward_pre_hook(lambda m, a, k: row_steps.append(k["input_ids"].shape[0])
+                                    if k["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    scorer = GenerateScorer(items, tok, max_new_tokens=12)
+    assert scorer.generations(model, range(24)) == full
+    decoded, row_steps[:] = sum(row_steps), []
+    scores = [s["exact_match"] for s in scorer.score(model, range(24))]
+    assert scores == [float(o.strip() == r["target"].strip()) for o, r in zip(full, rows, strict=True)]
+    assert 0 < sum(scores) < 24 and sum(row_steps) < decoded
+
+
+def test_cannot_match_leaves_the_tail_a_stop_or_more_tokens_may_change():
+    from evaluators.native import _cannot_match
+
+    assert _cannot_match("  wxyz12345", "abc", []) and not _cannot_match("  abc12", "abc", [])
+    assert not _cannot_match("   \n", "abc", []) and not _cannot_match("abcdefgh ", "abcdefgh", [])
+    assert _cannot_match("abcdefgh xyz   ", "abcdefgh", [])     # more than the target: no stop can cut it away
+    assert not _cannot_match("ab<<<<<<", "ab", ["<<<<<<<"])       # a longer stop may yet begin in the tail
+    assert _cannot_match("  ab cd", " ab", []) is False and _cannot_match("  xb cdefg", " ab", [])
+
+
 def test_generate_exact_match_on_a_model_that_knows_the_answer(zoo):
     model, tok = load(zoo["ft_add"])
     prompts = [f"{a}+{b}=" for a, b in [(1, 2), (10, 20), (3, 4)]]
