@@ -153,6 +153,20 @@ def make_sampler(name: str, seed: int, options: dict, where: str = "sampler") ->
     return _build("sampler", SAMPLERS, SAMPLER_DEFAULTS, name, options, where, seed=seed)
 
 
+PARTIAL_SCORE_PRUNERS = ("median", "halving", "hyperband")   # they report the objective over the items so far
+
+
+def sampler_options(study_cfg) -> dict:
+    """The sampler's options as the study runs it: CMA-ES under a pruner that reports the objective over the items
+    scored so far counts a pruned trial at its last such value (`consider_pruned_trials`), unless the study says
+    otherwise; else a pruned trial would be a sample lost to it (demo, Hyperband: the unpruned run's held-out score
+    at 0.33 of its time with, never without). Wilcoxon reports per-chunk values, not the objective."""
+    options = dict(study_cfg.sampler.options)
+    if study_cfg.sampler.name == "cmaes" and study_cfg.pruner.name in PARTIAL_SCORE_PRUNERS:
+        options.setdefault("consider_pruned_trials", True)
+    return options
+
+
 def make_pruner(name: str, options: dict, where: str = "pruner", *, tasks: int = 1, worst: bool = False
                 ) -> optuna.pruners.BasePruner:
     """A pruner from the YAML block; Wilcoxon also learns the number of tasks and whether the objective is
@@ -315,7 +329,7 @@ def open_study(study_cfg, storage_url: str | None = None, create: bool = True, s
     kwargs = {}
     if space is not None:
         sampler, pruner = study_cfg.sampler, study_cfg.pruner
-        kwargs = {"sampler": make_sampler(sampler.name, sampler.seed, sampler.options),
+        kwargs = {"sampler": make_sampler(sampler.name, sampler.seed, sampler_options(study_cfg)),
                   "pruner": make_pruner(pruner.name, pruner.options, tasks=len(study_cfg.evaluation.tasks),
                                         worst=study_cfg.aggregate == "worst")}
     directions = ["maximize"] * (len(study_cfg.evaluation.tasks) if study_cfg.multi_objective else 1)

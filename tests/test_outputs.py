@@ -92,7 +92,7 @@ def test_validate_says_what_a_search_would_use_and_creates_nothing(finished_run,
     (root / "study.yaml").write_text(yaml.safe_dump(data))
     noted = run_here("validate", "study.yaml", "--json", cwd=root)
     assert noted.returncode == 0 and json.loads(noted.stdout)["skip_uninformative"] is True
-    assert "CMA-ES learns from completed trials only" in noted.stderr and "skip_uninformative" in noted.stderr
+    assert "CMA-ES learns here from completed trials only" in noted.stderr and "skip_uninformative" in noted.stderr
 
 
 def test_exports_run_from_any_folder(finished_run, tmp_path):

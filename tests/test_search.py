@@ -109,6 +109,25 @@ def test_wilcoxon_pruner_sees_paired_per_item_values(zoo, tmp_path):
     assert seeds and all(t.state == optuna.trial.TrialState.COMPLETE for t in seeds)   # references, never pruned
 
 
+@pytest.mark.parametrize(("pruner", "option", "counted"), [("hyperband", None, True), ("median", None, True),
+                                                          ("wilcoxon", None, False), ("hyperband", False, False)])
+def test_cmaes_counts_pruned_trials_where_the_pruner_reports_the_objective(zoo, tmp_path, pruner, option, counted):
+    """CMA-ES under hyperband/median/halving tells its population a pruned trial at its last reported value (the
+    objective over the items scored so far); under Wilcoxon (per-chunk values) or when the study says no, not,
+    and validate says a pruned trial is then a sample lost to it."""
+    from search.cli.commands import starved_sampler
+    from search.loop import open_study
+    from search.space import SearchSpace
+
+    sampler = {"name": "cmaes", "seed": 0, **({} if option is None else {"consider_pruned_trials": option})}
+    path = write_study(tmp_path, zoo, pruner=pruner, extra={"sampler": sampler})
+    cfg = load_study(path)
+    study = open_study(cfg, space=SearchSpace(cfg))
+    assert isinstance(study.sampler, optuna.samplers.CmaEsSampler)
+    assert study.sampler._consider_pruned_trials is counted
+    assert (starved_sampler(cfg) is None) is counted
+
+
 def test_export_writes_config_and_model_with_scores(zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
