@@ -135,7 +135,8 @@ class TrialRunner:
         parents `measure_references` scored, plus the base; nothing when some model could not be scored."""
         results = list(self._parent_results or self._parent_scores())
         base = self.space.base_ref
-        if base is not None and base not in self.space.parent_refs() and not any(label == "base" for label, _ in results):
+        base_scored = base in self.space.parent_refs() or any(label == "base" for label, _ in results)
+        if base is not None and not base_scored:
             results.append(("base", self._alone_result(self.space.alone_config(base))))
         if len(results) < 2 or any(isinstance(result, str) for _, result in results):
             return {}
