@@ -125,16 +125,17 @@ def held_out(run_: dict, trial) -> tuple[float, float]:
 
 def fidelity(args, folder: Path) -> dict:
     """Time to the unpruned run's held-out score, for each pruner in --fidelity."""
-    base = run(args.study, args.sampler, 0, args.trials, "none", folder, keep=True)
+    base = run(args.study, args.sampler, args.seed, args.trials, "none", folder, keep=True)
     base_steps = incumbents(base)
     target, target_se = held_out(base, base_steps[-1][2])
-    out = {"study": str(args.study), "sampler": args.sampler, "trials": args.trials,
+    out = {"study": str(args.study), "sampler": args.sampler, "seed": args.seed, "trials": args.trials,
            "unpruned": {"wall_s": base["loop_wall_s"], "cpu_s": base["cpu_s"],
                         "trials_per_hour": base["trials_per_hour"], "final_holdout": target,
                         "final_holdout_se": target_se, "best_trial": base_steps[-1][2].number}, "pruned": []}
     for spec in args.fidelity.split(","):
         name, _, every = spec.partition(":")
-        r = run(args.study, args.sampler, 0, args.trials, name, folder, every=int(every) if every else None, keep=True)
+        r = run(args.study, args.sampler, args.seed, args.trials, name, folder, every=int(every) if every else None,
+                keep=True)
         reached, last = None, (None, None)
         for wall, cpu, trial in incumbents(r):
             value, se = held_out(r, trial)
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--fidelity", default=None, metavar="PRUNER[:EVERY],...",
                         help="measure time to the unpruned held-out score for these pruners (e.g. wilcoxon:16)")
     parser.add_argument("--sampler", default="cmaes", help="the sampler of the --fidelity runs")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler seed of the --fidelity runs")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                         help="torch threads of the runs (default: every core)")
     parser.add_argument("--out", type=Path, default=None)
