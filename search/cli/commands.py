@@ -58,8 +58,8 @@ def search_command(args) -> int:
     """`mergesearch search STUDY.yaml [--trials N] [--timeout 8h] [--storage URL] [--workers N] [--json]`."""
     study_cfg = load_study(args.study, allow_pickle=args.allow_pickle)
     trials, timeout = _budget(args, study_cfg)
-    if starved_sampler(study_cfg):
-        console().print(starved_sampler(study_cfg))
+    if note := starved_sampler(study_cfg):
+        console().print(note)
     status = run_search(study_cfg, trials=trials, timeout=timeout, storage_url=args.storage, workers=args.workers,
                         device=_device(args, study_cfg.device), new_study=args.new_study,
                         progress=SearchProgress(not args.no_progress, console()))
@@ -155,8 +155,8 @@ def validate_command(args) -> int:
         table.add_row(spec.name, spec.kind, str(counts[spec.name]["search"]), str(counts[spec.name]["holdout"]),
                       f"{spec.weight:g}")
     say.print(table)
-    if starved_sampler(study_cfg):
-        say.print(starved_sampler(study_cfg))
+    if note := starved_sampler(study_cfg):
+        say.print(note)
     if study_cfg.evaluation.skip_uninformative:
         say.print("search items every parent and the base score alike: found before the first trial, then "
                   "counted without scoring (evaluation.skip_uninformative)")
