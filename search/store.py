@@ -135,11 +135,14 @@ PRUNER_DEFAULTS = {"wilcoxon": {"p_threshold": 0.1}, "median": {"n_startup_trial
 def _build(kind: str, classes: dict, defaults: dict, name: str, options: dict, where: str, **fixed):
     """An Optuna sampler/pruner from a YAML block: unknown options and bad values are a StudyError naming them."""
     cls = classes[name]
-    accepted = [p for p in inspect.signature(cls).parameters if p not in fixed]
-    for key in options:
-        if key not in accepted:
-            raise StudyError(f"the {name} {kind} has no option {key!r} (it takes: {', '.join(accepted) or 'none'})",
+    params = {p: param for p, param in inspect.signature(cls).parameters.items() if p not in fixed}
+    for key, value in options.items():
+        if key not in params:
+            raise StudyError(f"the {name} {kind} has no option {key!r} (it takes: {', '.join(params) or 'none'})",
                              f"{where}.{key}")
+        if str(params[key].annotation).startswith("bool") and not isinstance(value, bool) \
+                and not (value is None and "None" in str(params[key].annotation)):
+            raise StudyError(f"must be true or false, got {value!r}", f"{where}.{key}")   # "false" is truthy
     try:
         return cls(**fixed, **{**defaults.get(name, {}), **options})
     except (TypeError, ValueError) as err:

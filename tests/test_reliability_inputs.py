@@ -235,6 +235,8 @@ CASES = [
          ("sampler.seed", "integer")),
     Case("sampler-option-typo", edit_study(_set("sampler", {"name": "tpe", "n_startup_trialz": 3})), SEARCH,
          ("sampler.n_startup_trialz", "no option", "n_startup_trials")),
+    Case("sampler-flag-a-string", edit_study(_set("sampler", {"name": "cmaes", "consider_pruned_trials": "false"})),
+         SEARCH, ("sampler.consider_pruned_trials", "true or false", "'false'")),     # "false" would be truthy
     Case("pruner-bad-value", edit_study(_set("pruner", {"name": "median", "n_startup_trials": -1})), SEARCH,
          ("pruner", "median")),
     Case("top-k-not-an-integer", edit_study(_set("final", {"top_k": "abc"})), SEARCH, ("final.top_k", "integer")),
